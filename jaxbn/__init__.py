@@ -1,0 +1,19 @@
+"""jaxbn: BatchNorm for JAX and Flax that is exactly PyTorch's."""
+
+from ._functional import BatchStats as BatchStats
+from ._functional import batch_norm as batch_norm
+from ._linen import BatchNorm as BatchNorm
+from ._linen import BatchNorm1d as BatchNorm1d
+from ._linen import BatchNorm2d as BatchNorm2d
+from ._linen import BatchNorm3d as BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchStats",
+    "batch_norm",
+]

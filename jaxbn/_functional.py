@@ -1,0 +1,336 @@
+"""Pure functional BatchNorm with PyTorch's semantics.
+
+This module depends on jax only: no flax, no torch. Everything else in jaxbn
+(the Flax modules, the converters, the parity harness) is built on
+:func:`batch_norm` and :class:`BatchStats`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class BatchStats(NamedTuple):
+    """Running statistics of one BatchNorm layer, as PyTorch keeps them.
+
+    ``var`` is PyTorch's ``running_var``: the running average of the
+    *unbiased* batch variance (``n / (n - 1)`` times the variance used to
+    normalise), not the biased one Flax stores.
+
+    ``num_batches_tracked`` counts training steps. It is int32 unless
+    ``jax_enable_x64`` is on (then int64, as in PyTorch), and it saturates
+    at its dtype's maximum instead of wrapping around to a negative count as
+    PyTorch's int64 buffer does.
+    """
+
+    mean: jax.Array  # (C,) float, PyTorch's running_mean
+    var: jax.Array  # (C,) float, PyTorch's running_var (unbiased)
+    num_batches_tracked: jax.Array  # () int32, or int64 under jax_enable_x64
+
+    @classmethod
+    def create(cls, num_features: int, dtype: DTypeLike = jnp.float32) -> BatchStats:
+        """PyTorch's initial statistics: mean 0, var 1, no batches tracked.
+
+        >>> jaxbn.BatchStats.create(3)
+        BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), num_batches_tracked=Array(0, dtype=int32))
+        """
+        return cls(
+            mean=jnp.zeros((num_features,), dtype),
+            var=jnp.ones((num_features,), dtype),
+            num_batches_tracked=jnp.zeros((), count_dtype()),
+        )
+
+
+def count_dtype() -> np.dtype:
+    """dtype of ``num_batches_tracked``: int64 under x64, else int32."""
+    return jax.dtypes.canonicalize_dtype(jnp.int64)
+
+
+def batch_norm(
+    x: ArrayLike,
+    stats: BatchStats | None,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, BatchStats | None]:
+    """PyTorch's ``F.batch_norm``, as a pure function of explicit state.
+
+    In training (or whenever ``stats`` is None), each channel is normalised
+    with the mean and the *biased* variance of its ``n`` values (all elements
+    that share the channel index along ``axis``)::
+
+        y = (x - batch_mean) / sqrt(batch_var + eps) * scale + bias
+
+    and, when ``stats`` is given, the running statistics are updated as in
+    PyTorch, with ``m`` the weight of the *new* batch::
+
+        num_batches_tracked += 1
+        m = momentum, or 1 / num_batches_tracked when momentum is None
+        mean = (1 - m) * mean + m * batch_mean
+        var  = (1 - m) * var  + m * batch_var * n / (n - 1)
+
+    In eval (``training=False`` with ``stats``), the running statistics
+    normalise and nothing is updated.
+
+    Args:
+      x: input of any rank >= 1, floating point. Half-precision inputs
+        (bfloat16, float16) are computed in float32 and returned in their
+        own dtype.
+      stats: running statistics, each of shape ``(C,)``. None means PyTorch's
+        ``track_running_stats=False``: batch statistics are used in training
+        *and* eval, and None is returned in their place.
+      scale: ``(C,)`` multiplier (PyTorch's ``weight``). None means 1.
+      bias: ``(C,)`` offset (PyTorch's ``bias``). None means 0.
+      training: True for a training step (PyTorch's ``module.train()``).
+      momentum: weight of the new batch in the running averages (PyTorch's
+        convention, the opposite of Flax's). None means a cumulative
+        average, ``m = 1 / num_batches_tracked``.
+      eps: added to the variance before the square root. Must be > 0 when
+        batch statistics are used, >= 0 otherwise.
+      axis: the channel axis: 1 for PyTorch's NC... layout, -1 for
+        channels-last.
+      axis_name: a named axis (``shard_map``, ``pmap``, ``vmap``) over which
+        batch statistics are combined, weighted by element count.
+      axis_index_groups: subsets of ``axis_name``'s devices that normalise
+        together, as in ``jax.lax.psum``.
+
+    Returns:
+      ``(y, new_stats)``: ``y`` has the shape and dtype of ``x``;
+      ``new_stats`` is ``stats`` updated by one training step (unchanged in
+      eval), or None when ``stats`` is None.
+
+    Raises:
+      ValueError: ``axis`` out of range; a training batch with a single
+        value per channel; ``eps`` out of range.
+      RuntimeError: a ``(C,)`` argument whose length differs from the
+        input's channel count; parameters whose dtype does not fit the
+        input's.
+      NotImplementedError: a non-floating-point input.
+
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> y, stats = jaxbn.batch_norm(x, jaxbn.BatchStats.create(2), training=True, axis=-1)
+    >>> stats.mean, stats.var, stats.num_batches_tracked
+    (Array([0.3, 0.4], dtype=float32), Array([2.2333333, 2.2333333], dtype=float32), Array(1, dtype=int32))
+    """
+    x = jnp.asarray(x)
+    scale = None if scale is None else jnp.asarray(scale)
+    bias = None if bias is None else jnp.asarray(bias)
+    # The checks run in PyTorch's order, so the first error raised is the same.
+    axis = check_axis(x, axis)
+    use_batch_stats = training or stats is None
+    count = _element_count(x, axis, axis_name, axis_index_groups) if use_batch_stats else 0
+    if count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input "
+            f"size {tuple(x.shape)} (channel axis {axis}). A batch of one "
+            "sample with no spatial extent has zero variance; train with a "
+            "larger batch, or evaluate with training=False."
+        )
+    _check_eps(eps, use_batch_stats)
+    per_channel = _per_channel_arrays(stats, scale, bias)
+    _check_channels(x, axis, per_channel)
+    _check_dtypes(x, per_channel)
+    if training and stats is not None:
+        _check_momentum(momentum)
+
+    reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
+    compute_dtype = jnp.float32 if x.dtype in _HALF_DTYPES else x.dtype
+    channel_shape = tuple(x.shape[i] if i == axis else 1 for i in range(x.ndim))
+
+    def per_channel(v: jax.Array | None, default: float) -> jax.Array:
+        if v is None:
+            return jnp.asarray(default, compute_dtype)
+        return v.astype(compute_dtype).reshape(channel_shape)
+
+    xc = x.astype(compute_dtype)
+    weight = per_channel(scale, 1.0)
+    shift = per_channel(bias, 0.0)
+
+    if not use_batch_stats:
+        assert stats is not None
+        # PyTorch's eval kernel folds everything into one multiply-add.
+        alpha = weight / jnp.sqrt(per_channel(stats.var, 1.0) + eps)
+        beta = shift - per_channel(stats.mean, 0.0) * alpha
+        return (xc * alpha + beta).astype(x.dtype), stats
+
+    if count == 0:
+        # PyTorch: an empty batch is a no-op that still counts as a step.
+        return x, None if stats is None else _update(stats, None, momentum)
+
+    mean = _psum(jnp.sum(xc, reduce_axes), axis_name, axis_index_groups) / count
+    centred = xc - mean.reshape(channel_shape)
+    sum_sq = _psum(jnp.sum(jnp.square(centred), reduce_axes), axis_name, axis_index_groups)
+    var = sum_sq / count
+    y = centred * (weight / jnp.sqrt(var.reshape(channel_shape) + eps)) + shift
+    if stats is None:
+        return y.astype(x.dtype), None
+    batch = (
+        lax.stop_gradient(mean),
+        lax.stop_gradient(sum_sq / (count - 1)),
+    )
+    return y.astype(x.dtype), _update(stats, batch, momentum)
+
+
+def _update(
+    stats: BatchStats,
+    batch: tuple[jax.Array, jax.Array] | None,
+    momentum: float | None,
+) -> BatchStats:
+    """One PyTorch running-statistics step; ``batch`` is (mean, unbiased var)."""
+    count = stats.num_batches_tracked
+    # PyTorch's int64 counter wraps to a negative number; ours saturates.
+    tracked = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+    if batch is None:
+        return stats._replace(num_batches_tracked=tracked)
+    dtype = jnp.promote_types(stats.mean.dtype, jnp.float32)
+    m = 1.0 / tracked.astype(dtype) if momentum is None else jnp.asarray(momentum, dtype)
+    batch_mean, batch_var = batch
+
+    def ema(running: jax.Array, new: jax.Array) -> jax.Array:
+        return (m * new + (1 - m) * running.astype(dtype)).astype(running.dtype)
+
+    return BatchStats(
+        mean=ema(stats.mean, batch_mean),
+        var=ema(stats.var, batch_var),
+        num_batches_tracked=tracked,
+    )
+
+
+def _psum(v: jax.Array, axis_name: str | None, groups: Sequence[Sequence[int]] | None) -> jax.Array:
+    if axis_name is None:
+        return v
+    return lax.psum(v, axis_name, axis_index_groups=groups)
+
+
+def _element_count(
+    x: jax.Array,
+    axis: int,
+    axis_name: str | None,
+    groups: Sequence[Sequence[int]] | None,
+) -> int:
+    """Values per channel, over all devices of ``axis_name`` (a static int)."""
+    local = math.prod(x.shape[:axis] + x.shape[axis + 1 :])
+    if axis_name is None:
+        return local
+    devices = len(groups[0]) if groups else lax.axis_size(axis_name)
+    return local * int(devices)
+
+
+def check_axis(x: jax.Array, axis: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(
+            f"`axis` must be a single int (the channel axis), got {axis!r}. "
+            "PyTorch's BatchNorm has exactly one channel axis: use axis=1 for "
+            "(N, C, ...) inputs or axis=-1 for channels-last inputs."
+        )
+    if x.ndim == 0:
+        raise ValueError(
+            "BatchNorm needs an input with a channel axis, got a 0-D (scalar) "
+            "input. Pass an array of shape (N, C, ...) or (..., C)."
+        )
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"`axis={axis}` is out of range for a {x.ndim}-D input of shape "
+            f"{tuple(x.shape)}; use an axis in [{-x.ndim}, {x.ndim - 1}] "
+            "(1 for PyTorch's (N, C, ...) layout, -1 for channels-last)."
+        )
+    return int(axis) % x.ndim
+
+
+def _per_channel_arrays(
+    stats: BatchStats | None, scale: jax.Array | None, bias: jax.Array | None
+) -> dict[str, jax.Array]:
+    """The ``(C,)`` arguments that are present, in PyTorch's checking order."""
+    named = {"scale": scale, "bias": bias}
+    if stats is not None:
+        if jnp.shape(stats.num_batches_tracked) != ():
+            raise ValueError(
+                "stats.num_batches_tracked must be a scalar, got shape "
+                f"{jnp.shape(stats.num_batches_tracked)}."
+            )
+        named = {"stats.mean": stats.mean, "stats.var": stats.var} | named
+    return {name: jnp.asarray(v) for name, v in named.items() if v is not None}
+
+
+def _check_channels(x: jax.Array, axis: int, per_channel: dict[str, jax.Array]) -> None:
+    channels = x.shape[axis]
+    wrong = {name: v.shape for name, v in per_channel.items() if v.shape != (channels,)}
+    if not wrong:
+        return
+    first = next(iter(wrong))
+    torch_name = {"stats.mean": "running_mean", "stats.var": "running_var", "scale": "weight"}
+    listed = "; ".join(f"{name} has shape {shape}" for name, shape in wrong.items())
+    raise RuntimeError(
+        f"{torch_name.get(first, first)} should contain {channels} elements "
+        f"not {math.prod(wrong[first])}: the input of shape {tuple(x.shape)} has "
+        f"{channels} channels on axis {axis}, but {listed}. Pass an input with "
+        f"the layer's channel count on the channel axis (axis={axis}), or build "
+        f"the layer with num_features={channels}."
+    )
+
+
+def _check_dtypes(x: jax.Array, per_channel: dict[str, jax.Array]) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for {x.dtype}: the input `x` must '
+            f"be floating point, got dtype {x.dtype}. Cast it first, e.g. "
+            "x.astype(jnp.float32)."
+        )
+    dtypes = {v.dtype for v in per_channel.values()}
+    allowed = {x.dtype, jnp.dtype(jnp.float32)} if x.dtype in _HALF_DTYPES else {x.dtype}
+    if len(dtypes) <= 1 and dtypes <= allowed:
+        return
+    received = ", ".join(f"{name} {v.dtype}" for name, v in per_channel.items())
+    raise RuntimeError(
+        f"mixed dtype: input `x` is {x.dtype} but got {received}. As in "
+        "PyTorch, scale, bias and the running statistics must all share the "
+        "input's dtype (or all be float32 for a bfloat16/float16 input). "
+        "Cast the input, or create the layer with a matching param_dtype."
+    )
+
+
+def _check_eps(eps: float, use_batch_stats: bool) -> None:
+    if use_batch_stats and not eps > 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {eps!r}. "
+            "With batch statistics a constant channel has zero variance; use "
+            "a small positive eps such as 1e-5 (PyTorch's default)."
+        )
+    if not use_batch_stats and not eps >= 0:
+        raise ValueError(
+            f"batch_norm eps must be non-negative, but got {eps!r}. Use eps >= 0, "
+            "e.g. PyTorch's default 1e-5."
+        )
+
+
+def _check_momentum(momentum: float | None) -> None:
+    if momentum is None:
+        return
+    if not 0 <= momentum <= 1 or 0.9 <= momentum < 1:
+        warnings.warn(
+            f"momentum={momentum} is the weight of the *new* batch in jaxbn "
+            "(PyTorch's convention): running = (1 - momentum) * running + "
+            "momentum * batch. Flax, Haiku and Keras use the opposite "
+            f"convention; their momentum={momentum} is jaxbn's momentum="
+            f"{1 - momentum:.6g}. If {momentum} is intended, silence this with "
+            "warnings.filterwarnings.",
+            UserWarning,
+            stacklevel=3,
+        )
