@@ -127,7 +127,7 @@ def batch_norm(
     >>> x = jnp.arange(8.0).reshape(4, 2)
     >>> y, stats = jaxbn.batch_norm(x, jaxbn.BatchStats.create(2), training=True, axis=-1)
     >>> stats.mean, stats.var, stats.num_batches_tracked
-    (Array([0.3, 0.4], dtype=float32), Array([2.2333333, 2.2333333], dtype=float32), Array(1, dtype=int32))
+    (Array([0.3, 0.4], dtype=float32), Array([1.5666666, 1.5666666], dtype=float32), Array(1, dtype=int32))
     """
     x = jnp.asarray(x)
     scale = None if scale is None else jnp.asarray(scale)
@@ -160,32 +160,52 @@ def batch_norm(
         return v.astype(compute_dtype).reshape(channel_shape)
 
     xc = x.astype(compute_dtype)
-    weight = per_channel(scale, 1.0)
-    shift = per_channel(bias, 0.0)
+    gamma = per_channel(scale, 1.0)
+    beta = per_channel(bias, 0.0)
 
     if not use_batch_stats:
         assert stats is not None
         # PyTorch's eval kernel folds everything into one multiply-add.
-        alpha = weight / jnp.sqrt(per_channel(stats.var, 1.0) + eps)
-        beta = shift - per_channel(stats.mean, 0.0) * alpha
-        return (xc * alpha + beta).astype(x.dtype), stats
+        alpha = gamma / jnp.sqrt(per_channel(stats.var, 1.0) + eps)
+        offset = beta - per_channel(stats.mean, 0.0) * alpha
+        return (xc * alpha + offset).astype(x.dtype), stats
 
     if count == 0:
         # PyTorch: an empty batch is a no-op that still counts as a step.
         return x, None if stats is None else _update(stats, None, momentum)
 
-    mean = _psum(jnp.sum(xc, reduce_axes), axis_name, axis_index_groups) / count
-    centred = xc - mean.reshape(channel_shape)
+    # Statistics of x - reference, where reference is one value of each
+    # channel: a mean of 1e4 standard deviations then costs no precision.
+    reference = _reference(xc, axis, axis_name, axis_index_groups).reshape(channel_shape)
+    shifted = xc - reference
+    residual = _psum(jnp.sum(shifted, reduce_axes), axis_name, axis_index_groups) / count
+    centred = shifted - residual.reshape(channel_shape)
     sum_sq = _psum(jnp.sum(jnp.square(centred), reduce_axes), axis_name, axis_index_groups)
     var = sum_sq / count
-    y = centred * (weight / jnp.sqrt(var.reshape(channel_shape) + eps)) + shift
+    y = centred * (gamma / jnp.sqrt(var.reshape(channel_shape) + eps)) + beta
     if stats is None:
         return y.astype(x.dtype), None
     batch = (
-        lax.stop_gradient(mean),
+        lax.stop_gradient(reference.reshape(-1) + residual),
         lax.stop_gradient(sum_sq / (count - 1)),
     )
     return y.astype(x.dtype), _update(stats, batch, momentum)
+
+
+def _reference(
+    x: jax.Array, axis: int, axis_name: str | None, groups: Sequence[Sequence[int]] | None
+) -> jax.Array:
+    """A ``(C,)`` value near each channel's data, the same on every device.
+
+    Any value works mathematically (it cancels); one from the data keeps the
+    shifted sums small. Non-finite values are replaced by 0 so that NaN and
+    inf propagate through the sums exactly as without the shift.
+    """
+    first = x[tuple(slice(None) if i == axis else 0 for i in range(x.ndim))]
+    first = lax.stop_gradient(jnp.where(jnp.isfinite(first), first, 0))
+    if axis_name is not None:
+        first = lax.pmax(first, axis_name, axis_index_groups=groups)
+    return first
 
 
 def _update(
@@ -199,9 +219,9 @@ def _update(
     tracked = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
     if batch is None:
         return stats._replace(num_batches_tracked=tracked)
-    dtype = jnp.promote_types(stats.mean.dtype, jnp.float32)
-    m = 1.0 / tracked.astype(dtype) if momentum is None else jnp.asarray(momentum, dtype)
     batch_mean, batch_var = batch
+    dtype = batch_mean.dtype  # float32 for half precision, as PyTorch computes
+    m = 1.0 / tracked.astype(dtype) if momentum is None else jnp.asarray(momentum, dtype)
 
     def ema(running: jax.Array, new: jax.Array) -> jax.Array:
         return (m * new + (1 - m) * running.astype(dtype)).astype(running.dtype)

@@ -1,0 +1,200 @@
+"""Edge cases of PyTorch's semantics, and the functional core under transforms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxbn
+
+from .conftest import (
+    KINDS,
+    Options,
+    assert_close,
+    compare_steps,
+    jax_step_fn,
+    make_pair,
+    to_torch,
+    torch_step,
+    variables_of,
+)
+
+
+def test_init_is_not_a_training_step():
+    layer = jaxbn.BatchNorm2d(3, momentum=None)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 2, 2)) * 5 + 7, jnp.float32)
+    variables = layer.init(jax.random.key(0), x, use_running_average=False)
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
+    assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
+
+
+def test_init_accepts_a_single_example():
+    """Flax models are often initialised with one example; that is not training."""
+    layer = jaxbn.BatchNorm1d(3, use_running_average=False)
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 3)))
+    assert jax.tree.map(jnp.shape, variables)["batch_stats"]["mean"] == (3,)
+
+
+def test_untracked_layer_needs_no_mutable_and_no_flag():
+    ref = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    layer = jaxbn.BatchNorm2d(3, track_running_stats=False)
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    variables = layer.init(jax.random.key(0), x)
+    assert set(variables) == {"params"}
+    for training in (True, False):
+        ref.train(training)
+        assert_close(layer.apply(variables, x), ref(to_torch(x)), what=f"training={training}")
+        assert_close(
+            layer.apply(variables, x, use_running_average=not training),
+            ref(to_torch(x)),
+            what=f"training={training}",
+        )
+
+
+def test_eval_needs_no_mutable_and_changes_nothing():
+    ref, layer, variables = make_pair(KINDS["2d"], Options())
+    x = np.random.default_rng(0).standard_normal(KINDS["2d"].shape).astype(np.float32)
+    ref.eval()
+    assert_close(layer.apply(variables, x, use_running_average=True), ref(to_torch(x)), what="y")
+    np.testing.assert_array_equal(
+        variables_of(ref)["batch_stats"]["mean"], variables["batch_stats"]["mean"]
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("kind", ["1d-NC", "2d"])
+def test_empty_batch_matches_torch(kind, momentum):
+    """N=0: empty output, statistics unchanged (never NaN), one more step counted."""
+    kind = KINDS[kind]
+    ref, layer, variables = make_pair(kind, Options(momentum=momentum))
+    shape = (0, *kind.shape[1:])
+    x = np.zeros(shape, np.float32)
+    step_ref = torch_step(ref, x, x, training=True)
+    step_ans, _ = jax_step_fn(layer, training=True, jit=True)(variables, x, x)
+    compare_steps(step_ans, step_ref, kind, what="empty batch")
+    assert not np.isnan(np.asarray(step_ans.stats["var"])).any()
+    assert int(step_ans.stats["num_batches_tracked"]) == 4
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_and_inf_propagate_like_torch(training):
+    """A poisoned channel stays poisoned, in the output and the statistics."""
+    kind = KINDS["2d"]
+    ref, layer, variables = make_pair(kind, Options())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(kind.shape).astype(np.float32)
+    x[0, 1, 0, 0] = np.nan
+    x[1, 2, 0, 0] = np.inf
+    x[2, 3, 1, 1] = -np.inf
+    g = rng.standard_normal(kind.shape).astype(np.float32)
+    step = jax_step_fn(layer, training=True, jit=True)
+    for t in range(2):
+        step_ref = torch_step(ref, x, g, training=training)
+        step_ans, variables = (
+            step(variables, x, g)
+            if training
+            else (jax_step_fn(layer, training=False, jit=True)(variables, x, g))
+        )
+        compare_steps(step_ans, step_ref, kind, what=f"step {t}")
+    if training:
+        # Later clean batches do not heal the running statistics.
+        clean = rng.standard_normal(kind.shape).astype(np.float32)
+        step_ans, _ = step(variables, clean, g)
+        compare_steps(step_ans, torch_step(ref, clean, g, training=True), kind, what="clean")
+        assert np.isnan(np.asarray(step_ans.stats["mean"])[1])
+
+
+def test_num_batches_tracked_dtype_follows_x64():
+    layer = jaxbn.BatchNorm1d(3, use_running_average=False)
+    x = jnp.ones((4, 3))
+    assert layer.init(jax.random.key(0), x)["batch_stats"]["num_batches_tracked"].dtype == jnp.int32
+    with jax.enable_x64(True):
+        variables = layer.init(jax.random.key(0), x)
+        assert variables["batch_stats"]["num_batches_tracked"].dtype == jnp.int64
+        assert torch.nn.BatchNorm1d(3).num_batches_tracked.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int64])
+def test_num_batches_tracked_saturates_instead_of_wrapping(dtype, x64):
+    top = jnp.iinfo(dtype).max
+    stats = jaxbn.BatchStats(
+        jnp.zeros(3, jnp.float32), jnp.ones(3, jnp.float32), jnp.asarray(top - 1, dtype)
+    )
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
+    step = jax.jit(lambda s: jaxbn.batch_norm(x, s, training=True, momentum=None, axis=1)[1])
+    stats = step(stats)
+    assert int(stats.num_batches_tracked) == top
+    stats = step(stats)
+    assert int(stats.num_batches_tracked) == top
+    assert stats.num_batches_tracked.dtype == dtype
+    # The cumulative average keeps a tiny positive weight; PyTorch's wraps negative.
+    assert np.isfinite(np.asarray(stats.mean)).all()
+
+
+def test_functional_core_under_jit_vmap_and_grad():
+    """The same numbers eagerly, jitted, vmapped over independent batches, and differentiated."""
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((3, 6, 4, 5)), jnp.float32)  # 3 independent batches
+    stats = jaxbn.BatchStats.create(4)
+    scale = jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(4), jnp.float32)
+
+    def f(x, scale, bias):
+        return jaxbn.batch_norm(x, stats, scale, bias, training=True, axis=1)
+
+    eager = [f(x, scale, bias) for x in xs]
+    jitted = jax.jit(f)(xs[0], scale, bias)
+    mapped = jax.vmap(f, in_axes=(0, None, None))(xs, scale, bias)
+    for i, (y, new_stats) in enumerate(eager):
+        np.testing.assert_allclose(mapped[0][i], y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(mapped[1].var[i], new_stats.var, rtol=1e-6)
+    np.testing.assert_allclose(jitted[0], eager[0][0], rtol=1e-6, atol=1e-6)
+
+    # Gradients against torch, through a random cotangent.
+    g = rng.standard_normal(xs[0].shape).astype(np.float32)
+    dx, dscale, dbias = jax.grad(lambda *a: jnp.sum(f(*a)[0] * g), argnums=(0, 1, 2))(
+        xs[0], scale, bias
+    )
+    x_ref = to_torch(xs[0]).requires_grad_(True)
+    w_ref, b_ref = to_torch(scale).requires_grad_(True), to_torch(bias).requires_grad_(True)
+    y_ref = torch.nn.functional.batch_norm(x_ref, None, None, w_ref, b_ref, training=True)
+    y_ref.backward(to_torch(g))
+    assert_close(dx, x_ref.grad, what="dx")
+    assert_close(dscale, w_ref.grad, what="dscale")
+    assert_close(dbias, b_ref.grad, what="dbias")
+
+
+def test_running_statistics_are_not_differentiated():
+    """Like PyTorch's buffers, the updated statistics carry no gradient."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3)), jnp.float32)
+    stats = jaxbn.BatchStats.create(3)
+    grad = jax.grad(lambda x: jaxbn.batch_norm(x, stats, training=True, axis=1)[1].var.sum())(x)
+    np.testing.assert_array_equal(grad, np.zeros_like(x))
+
+
+def test_config_is_static_and_checked_at_trace_time():
+    f = jax.jit(lambda x: jaxbn.batch_norm(x, None, training=True, axis=1)[0])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        f.trace(jax.ShapeDtypeStruct((1, 3), jnp.float32))
+
+
+def test_dtype_field_casts_the_output():
+    layer = jaxbn.BatchNorm1d(3, dtype=jnp.bfloat16, use_running_average=True)
+    x = jnp.ones((4, 3))
+    y = layer.apply(layer.init(jax.random.key(0), x), x)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_custom_initialisers():
+    layer = jaxbn.BatchNorm(
+        scale_init=jax.nn.initializers.constant(2.0),
+        bias_init=jax.nn.initializers.constant(-1.0),
+        use_running_average=True,
+    )
+    params = layer.init(jax.random.key(0), jnp.ones((2, 5)))["params"]
+    np.testing.assert_array_equal(params["scale"], np.full(5, 2.0))
+    np.testing.assert_array_equal(params["bias"], np.full(5, -1.0))
