@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,38 @@ class BatchStats(NamedTuple):
 def count_dtype() -> np.dtype:
     """dtype of ``num_batches_tracked``: int64 under x64, else int32."""
     return jax.dtypes.canonicalize_dtype(jnp.int64)
+
+
+@overload
+def batch_norm(
+    x: ArrayLike,
+    stats: BatchStats,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, BatchStats]: ...
+
+
+@overload
+def batch_norm(
+    x: ArrayLike,
+    stats: None,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int,
+    axis_name: str | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, None]: ...
 
 
 def batch_norm(
@@ -144,9 +176,9 @@ def batch_norm(
             "larger batch, or evaluate with training=False."
         )
     _check_eps(eps, use_batch_stats)
-    per_channel = _per_channel_arrays(stats, scale, bias)
-    _check_channels(x, axis, per_channel)
-    _check_dtypes(x, per_channel)
+    channel_args = _per_channel_arrays(stats, scale, bias)
+    _check_channels(x, axis, channel_args)
+    _check_dtypes(x, channel_args)
     if training and stats is not None:
         _check_momentum(momentum)
 
