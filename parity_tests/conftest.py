@@ -153,8 +153,9 @@ def make_pair(
     )
     with torch.no_grad():
         tensors = torch_tensors(ref)
-        for name in PARAMS.intersection(tensors):
-            tensors[name].copy_(torch.randn_like(tensors[name]) * 0.5 + 1.0)
+        for name in PARAMS:
+            if name in tensors:
+                tensors[name].copy_(torch.randn_like(tensors[name]) * 0.5 + 1.0)
         if options.track_running_stats:
             tensors["mean"].copy_(torch.randn_like(tensors["mean"]))
             tensors["var"].copy_(torch.rand_like(tensors["var"]) + 0.5)
@@ -181,7 +182,7 @@ TORCH_NAMES = {
     "var": "running_var",
     "num_batches_tracked": "num_batches_tracked",
 }
-PARAMS = {"scale", "bias"}
+PARAMS = ("scale", "bias")
 
 
 def torch_tensors(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -218,9 +219,10 @@ def torch_step(ref: torch.nn.Module, x: np.ndarray, g: np.ndarray, *, training: 
     y.backward(to_torch(g))
     tensors = torch_tensors(ref)
     grads = {"x": xt.grad}
-    for name in PARAMS.intersection(tensors):
-        grads[name] = tensors[name].grad
-        tensors[name].grad = None
+    for name in PARAMS:
+        if name in tensors:
+            grads[name] = tensors[name].grad
+            tensors[name].grad = None
     stats = {name: t.clone() for name, t in tensors.items() if name not in PARAMS}
     return Step(y.detach(), grads, stats)
 

@@ -82,6 +82,10 @@ def test_one_pass_variance_fails_the_bar():
 # parameter gradients: sums of rounded products) agree to ~2.4e-5 relative.
 HALF_FLOAT32_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 MIN_BITWISE_FRACTION = 0.995
+# Both sides compute in float32 and round once. An output that cancels to
+# nearly zero (float16 subnormals are 6e-8 apart) inherits the float32
+# rounding of its O(1) terms, ~1e-7, which can exceed one half-precision ulp.
+SUBNORMAL_ATOL = 1e-6
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -129,7 +133,11 @@ def test_half_precision_matches_torch(kind, dtype):
                 continue
             assert actual.dtype == desired.dtype == np.dtype(dtype), what
             distance = ulp_distance(actual, desired)
-            assert distance.max() <= 1, f"{what}: {distance.max()} ulp apart"
+            gap = np.abs(actual.astype(np.float64) - desired.astype(np.float64))
+            far = (distance > 1) & (gap > SUBNORMAL_ATOL)
+            assert not far.any(), (
+                f"{what}: {distance[far].max()} ulp apart, {gap[far].max()} absolute"
+            )
             equal += int((distance == 0).sum())
             total += distance.size
     fraction = equal / total
