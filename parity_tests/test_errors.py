@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import jaxbn
+from jaxbn.parity import to_torch, variables_of
 
-from .conftest import TORCH_DTYPES, to_torch, variables_of
+from .conftest import TORCH_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)

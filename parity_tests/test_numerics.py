@@ -12,20 +12,20 @@ import pytest
 import torch
 
 import jaxbn
-
-from .conftest import (
+from jaxbn.parity import (
     KINDS,
     Options,
-    assert_close,
     cotangents,
+    drifting_batches,
     jax_step_fn,
     make_pair,
-    shifting_batches,
     to_numpy,
     to_torch,
     torch_step,
     variables_of,
 )
+
+from .conftest import assert_close
 from .test_parity import run_case
 
 OFFSETS = [1e2, 1e3, 1e4]
@@ -106,7 +106,7 @@ def test_half_precision_matches_torch(kind, dtype):
     kind = dataclasses.replace(kind, shape=(kind.shape[0] * 3, *kind.shape[1:]))
     options = Options(dtype=dtype, param_dtype="float32")
     ref, ans, variables = make_pair(kind, options)
-    batches = shifting_batches(kind, 13, dtype)
+    batches = drifting_batches(kind, 13, dtype)
     train = jax_step_fn(ans, training=True, jit=True)
     evaluate = jax_step_fn(ans, training=False, jit=True)
     equal = total = 0
@@ -168,7 +168,7 @@ def test_half_parameters_at_least_as_accurate_as_torch(kind, dtype):
     kind = dataclasses.replace(kind, shape=(kind.shape[0] * 3, *kind.shape[1:]))
     ref, ans, _ = make_pair(kind, Options(dtype=dtype, param_dtype=dtype))
     train = jax_step_fn(ans, training=True, jit=True)
-    batches = shifting_batches(kind, 5, dtype)
+    batches = drifting_batches(kind, 5, dtype)
     for t, (x, g) in enumerate(zip(batches, cotangents(batches), strict=True)):
         # All three sides start each step from torch's (half) state.
         exact = copy.deepcopy(ref).double()

@@ -70,3 +70,12 @@ def test_core_imports_neither_flax_nor_torch():
 
 def test_typed_package():
     assert (PACKAGE / "py.typed").exists()
+
+
+def test_readme_quickstart_runs():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(quickstart, "README.md quickstart", "exec"), namespace)
+    assert int(namespace["batch_stats"]["BatchNorm_0"]["num_batches_tracked"]) == 1  # type: ignore[index]
+    assert namespace["logits"].shape == (8, 10)  # type: ignore[attr-defined]

@@ -14,52 +14,17 @@ import pytest
 import torch
 
 import jaxbn
+from jaxbn import parity
+from jaxbn.parity import AFFINE, KINDS, TRACKING, Case, Kind, Options, to_torch, variables_of
 
-from .conftest import (
-    KINDS,
-    Kind,
-    Options,
-    assert_close,
-    compare_steps,
-    cotangents,
-    jax_step_fn,
-    make_pair,
-    shifting_batches,
-    to_torch,
-    torch_step,
-    variables_of,
-)
-
-TRAIN_STEPS = 10
-EVAL_STEPS = 3
-
-AFFINE = {
-    "affine": {"affine": True, "use_bias": True},
-    "no-bias": {"affine": True, "use_bias": False},
-    "no-affine": {"affine": False},
-}
-TRACKING = {
-    "momentum=0.1": {"momentum": 0.1},
-    "momentum=0.5": {"momentum": 0.5},
-    "momentum=None": {"momentum": None},
-    "untracked": {"track_running_stats": False},
-}
+from .conftest import assert_close
 
 
-def run_case(kind: Kind, options: Options, *, jit: bool, **tolerance: float) -> None:
-    ref, ans, variables = make_pair(kind, options)
-    batches = shifting_batches(kind, TRAIN_STEPS + EVAL_STEPS, options.dtype)
-    upstream = cotangents(batches)
-    train = jax_step_fn(ans, training=True, jit=jit)
-    evaluate = jax_step_fn(ans, training=False, jit=jit)
-    for t, (x, g) in enumerate(zip(batches, upstream, strict=True)):
-        training = t < TRAIN_STEPS
-        step_ref = torch_step(
-            ref, kind.to_torch_layout(x), kind.to_torch_layout(g), training=training
-        )
-        step_ans, variables = (train if training else evaluate)(variables, x, g)
-        mode = "train" if training else "eval"
-        compare_steps(step_ans, step_ref, kind, what=f"{mode} step {t}", **tolerance)
+def run_case(kind: Kind, options: Options, *, jit: bool) -> None:
+    """10 training steps then 3 eval steps; every quantity compared after each."""
+    result = parity.run_case(Case(kind, options, jit=jit))
+    assert result.passed, "\n".join(result.failures)
+    assert result.max_abs_diff, "nothing was compared"
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

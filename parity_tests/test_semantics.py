@@ -9,18 +9,9 @@ import pytest
 import torch
 
 import jaxbn
+from jaxbn.parity import KINDS, Options, jax_step_fn, make_pair, to_torch, torch_step, variables_of
 
-from .conftest import (
-    KINDS,
-    Options,
-    assert_close,
-    compare_steps,
-    jax_step_fn,
-    make_pair,
-    to_torch,
-    torch_step,
-    variables_of,
-)
+from .conftest import assert_close, compare_steps
 
 
 def test_init_is_not_a_training_step():
