@@ -190,3 +190,24 @@ def test_custom_initialisers():
     params = layer.init(jax.random.key(0), jnp.ones((2, 5)))["params"]
     np.testing.assert_array_equal(params["scale"], np.full(5, 2.0))
     np.testing.assert_array_equal(params["bias"], np.full(5, -1.0))
+
+
+def test_axis_name_statistics_equal_the_global_batch():
+    """Batch statistics over a named (vmapped) axis equal those of the whole batch."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 6, 3)) * 3 + 5, jnp.float32)  # 4 shards of 6
+    stats = jaxbn.BatchStats.create(3)
+
+    def shard(x):
+        return jaxbn.batch_norm(x, stats, training=True, axis=1, axis_name="batch")
+
+    y_shards, stats_shards = jax.vmap(shard, axis_name="batch")(x)
+    y_whole, stats_whole = jaxbn.batch_norm(x.reshape(24, 3), stats, training=True, axis=1)
+    np.testing.assert_allclose(y_shards.reshape(24, 3), y_whole, rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var"):
+        for i in range(4):
+            np.testing.assert_allclose(
+                getattr(stats_shards, name)[i], getattr(stats_whole, name), rtol=1e-6
+            )
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        jax.vmap(shard, axis_name="batch")(x[:1, :1])
