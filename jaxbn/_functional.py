@@ -166,6 +166,8 @@ def batch_norm(
     bias = None if bias is None else jnp.asarray(bias)
     # The checks run in PyTorch's order, so the first error raised is the same.
     axis = check_axis(x, axis)
+    if stats is not None:
+        _check_counter(stats.num_batches_tracked)
     use_batch_stats = training or stats is None
     count = _element_count(x, axis, axis_name, axis_index_groups) if use_batch_stats else 0
     if count == 1:
@@ -176,6 +178,13 @@ def batch_norm(
             "larger batch, or evaluate with training=False."
         )
     _check_eps(eps, use_batch_stats)
+    if x.size == 0:
+        # PyTorch returns before its channel and dtype checks; a training
+        # step on an empty batch still counts, and changes nothing else.
+        y = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+        if training and stats is not None:
+            return y, _update(stats, None, momentum)
+        return y, stats
     channel_args = _per_channel_arrays(stats, scale, bias)
     _check_channels(x, axis, channel_args)
     _check_dtypes(x, channel_args)
@@ -202,24 +211,21 @@ def batch_norm(
         offset = beta - per_channel(stats.mean, 0.0) * alpha
         return (xc * alpha + offset).astype(x.dtype), stats
 
-    if count == 0:
-        # PyTorch: an empty batch is a no-op that still counts as a step.
-        return x, None if stats is None else _update(stats, None, momentum)
-
     # Statistics of x - reference, where reference is one value of each
     # channel: a mean of 1e4 standard deviations then costs no precision.
     reference = _reference(xc, axis, axis_name, axis_index_groups).reshape(channel_shape)
     shifted = xc - reference
-    residual = _psum(jnp.sum(shifted, reduce_axes), axis_name, axis_index_groups) / count
+    n = float(count)  # a Python int beyond int32 would not enter jnp arithmetic
+    residual = _psum(jnp.sum(shifted, reduce_axes), axis_name, axis_index_groups) / n
     centred = shifted - residual.reshape(channel_shape)
     sum_sq = _psum(jnp.sum(jnp.square(centred), reduce_axes), axis_name, axis_index_groups)
-    var = sum_sq / count
+    var = sum_sq / n
     y = centred * (gamma / jnp.sqrt(var.reshape(channel_shape) + eps)) + beta
     if stats is None:
         return y.astype(x.dtype), None
     batch = (
         lax.stop_gradient(reference.reshape(-1) + residual),
-        lax.stop_gradient(sum_sq / (count - 1)),
+        lax.stop_gradient(sum_sq / (n - 1)),
     )
     return y.astype(x.dtype), _update(stats, batch, momentum)
 
@@ -256,6 +262,7 @@ def _update(
     m = 1.0 / tracked.astype(dtype) if momentum is None else jnp.asarray(momentum, dtype)
 
     def ema(running: jax.Array, new: jax.Array) -> jax.Array:
+        new = new.reshape(running.shape)
         return (m * new + (1 - m) * running.astype(dtype)).astype(running.dtype)
 
     return BatchStats(
@@ -312,18 +319,13 @@ def _per_channel_arrays(
     """The ``(C,)`` arguments that are present, in PyTorch's checking order."""
     named = {"scale": scale, "bias": bias}
     if stats is not None:
-        if jnp.shape(stats.num_batches_tracked) != ():
-            raise ValueError(
-                "stats.num_batches_tracked must be a scalar, got shape "
-                f"{jnp.shape(stats.num_batches_tracked)}."
-            )
         named = {"stats.mean": stats.mean, "stats.var": stats.var} | named
     return {name: jnp.asarray(v) for name, v in named.items() if v is not None}
 
 
 def _check_channels(x: jax.Array, axis: int, per_channel: dict[str, jax.Array]) -> None:
     channels = x.shape[axis]
-    wrong = {name: v.shape for name, v in per_channel.items() if v.shape != (channels,)}
+    wrong = {name: v.shape for name, v in per_channel.items() if v.size != channels}
     if not wrong:
         return
     first = next(iter(wrong))
@@ -356,6 +358,19 @@ def _check_dtypes(x: jax.Array, per_channel: dict[str, jax.Array]) -> None:
         "input's dtype (or all be float32 for a bfloat16/float16 input). "
         "Cast the input, or create the layer with a matching param_dtype."
     )
+
+
+def _check_counter(count: ArrayLike) -> None:
+    if (
+        not isinstance(count, jax.Array | np.ndarray)
+        or count.shape != ()
+        or not jnp.issubdtype(count.dtype, jnp.integer)
+    ):
+        raise TypeError(
+            "stats.num_batches_tracked must be an integer scalar array, got "
+            f"{count!r}. Use jnp.asarray(n, jnp.int32) (int64 under x64), as "
+            "BatchStats.create does."
+        )
 
 
 def _check_eps(eps: float, use_batch_stats: bool) -> None:

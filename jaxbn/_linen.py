@@ -81,9 +81,11 @@ class _BatchNormBase(nn.Module):
             }
 
         if self.is_initializing():
-            # Initialisation is not a training step: nothing is counted,
-            # checked against the batch, or reduced across devices.
-            y, _ = batch_norm(x, initial, scale, bias, training=False, eps=self.eps, axis=axis)
+            # Initialisation is not a training step: nothing is counted or
+            # reduced across devices, and a tracked layer normalises with its
+            # initial statistics (so a single example is fine).
+            stats = initial if self.track_running_stats else None
+            y, _ = batch_norm(x, stats, scale, bias, training=False, eps=self.eps, axis=axis)
         else:
             stats = None
             if variables:
@@ -112,7 +114,7 @@ class _BatchNormBase(nn.Module):
             if training and new_stats is not None:
                 for name, value in new_stats._asdict().items():
                     variables[name].value = value
-        if self.num_features not in (None, x.shape[axis]):
+        if x.size and self.num_features not in (None, x.shape[axis]):
             raise RuntimeError(
                 f"{type(self).__name__}(num_features={self.num_features}) got an input of "
                 f"shape {tuple(x.shape)} with {x.shape[axis]} channels on axis "

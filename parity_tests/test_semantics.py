@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn.parity import KINDS, Options, jax_step_fn, make_pair, to_torch, torch_step, variables_of
+from jaxbn.parity import KINDS, Options, jax_step_fn, make_pair, to_torch, torch_step
 
 from .conftest import assert_close, compare_steps
+from .test_parity import run_case
 
 
 def test_init_is_not_a_training_step():
@@ -51,24 +52,51 @@ def test_eval_needs_no_mutable_and_changes_nothing():
     x = np.random.default_rng(0).standard_normal(KINDS["2d"].shape).astype(np.float32)
     ref.eval()
     assert_close(layer.apply(variables, x, use_running_average=True), ref(to_torch(x)), what="y")
-    np.testing.assert_array_equal(
-        variables_of(ref)["batch_stats"]["mean"], variables["batch_stats"]["mean"]
-    )
+    _, updates = layer.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
+    for name, value in variables["batch_stats"].items():
+        np.testing.assert_array_equal(updates["batch_stats"][name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "tracking",
+    [{"momentum": 0.1}, {"momentum": None}, {"track_running_stats": False}],
+    ids=["0.1", "None", "untracked"],
+)
 @pytest.mark.parametrize("kind", ["1d-NC", "2d"])
-def test_empty_batch_matches_torch(kind, momentum):
-    """N=0: empty output, statistics unchanged (never NaN), one more step counted."""
+def test_empty_batch_matches_torch(kind, tracking, training):
+    """N=0: empty output, statistics unchanged (never NaN), a training step counted."""
     kind = KINDS[kind]
-    ref, layer, variables = make_pair(kind, Options(momentum=momentum))
-    shape = (0, *kind.shape[1:])
-    x = np.zeros(shape, np.float32)
-    step_ref = torch_step(ref, x, x, training=True)
-    step_ans, _ = jax_step_fn(layer, training=True, jit=True)(variables, x, x)
+    ref, layer, variables = make_pair(kind, Options(**tracking))
+    x = np.zeros((0, *kind.shape[1:]), np.float32)
+    step_ref = torch_step(ref, x, x, training=training)
+    step_ans, _ = jax_step_fn(layer, training=training, jit=True)(variables, x, x)
     compare_steps(step_ans, step_ref, kind, what="empty batch")
-    assert not np.isnan(np.asarray(step_ans.stats["var"])).any()
-    assert int(step_ans.stats["num_batches_tracked"]) == 4
+    if "momentum" in tracking:
+        assert not np.isnan(np.asarray(step_ans.stats["var"])).any()
+        assert int(step_ans.stats["num_batches_tracked"]) == (4 if training else 3)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.zeros((0, 4), np.float32), "channel count differs"),
+        (np.zeros((0, 3), np.int32), "integer input"),
+    ],
+)
+def test_empty_batch_skips_the_checks_torch_skips(x, message):
+    """PyTorch returns before its channel and dtype checks when the input is empty."""
+    ref = torch.nn.BatchNorm1d(3)
+    y_ref = ref(to_torch(x))
+    y, stats = jaxbn.batch_norm(x, jaxbn.BatchStats.create(3), training=True, axis=1)
+    assert y.shape == tuple(y_ref.shape), message
+    assert str(y.dtype) == str(y_ref.dtype).removeprefix("torch."), message
+    assert int(stats.num_batches_tracked) == int(ref.state_dict()["num_batches_tracked"]) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_extreme_momentum_matches_torch(momentum):
+    run_case(KINDS["2d"], Options(momentum=momentum), jit=True)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -211,3 +239,37 @@ def test_axis_name_statistics_equal_the_global_batch():
             )
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         jax.vmap(shard, axis_name="batch")(x[:1, :1])
+
+
+def test_untracked_layer_initialises_like_it_applies(x64):
+    """No statistics: init uses batch statistics, as every later call does."""
+    layer = jaxbn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    x = np.random.default_rng(0).standard_normal((4, 3))  # float64; the layer has no variables
+    y_init, variables = layer.init_with_output(jax.random.key(0), x)
+    y_ref = torch.nn.BatchNorm1d(3, affine=False, track_running_stats=False).double()(to_torch(x))
+    assert_close(y_init, y_ref, what="init output")
+    assert_close(layer.apply(variables, x), y_ref, what="apply output")
+
+
+def test_per_channel_arrays_are_matched_by_element_count_like_torch():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    scale, bias = np.full((1, 3), 2.0, np.float32), np.ones((3, 1), np.float32)
+    y_ref = torch.nn.functional.batch_norm(
+        to_torch(x), None, None, to_torch(scale), to_torch(bias), training=True
+    )
+    y, _ = jaxbn.batch_norm(x, None, scale, bias, training=True, axis=1)
+    assert_close(y, y_ref, what="y")
+
+
+def test_counter_must_be_an_integer_array():
+    stats = jaxbn.BatchStats(jnp.zeros(3), jnp.ones(3), 0)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"num_batches_tracked must be an integer scalar array, got 0"
+    ):
+        jaxbn.batch_norm(jnp.ones((4, 3)), stats, training=True, axis=1)
+
+
+def test_more_than_int32_values_per_channel_traces():
+    """Counts beyond 2**31 stay exact in the trace (no int32 overflow) without x64."""
+    f = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.BatchStats.create(1), training=True, axis=1))
+    f.trace(jax.ShapeDtypeStruct((2**31 + 7, 1), jnp.float32))
