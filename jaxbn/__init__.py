@@ -6,6 +6,9 @@ from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d
 from ._linen import BatchNorm2d as BatchNorm2d
 from ._linen import BatchNorm3d as BatchNorm3d
+from .convert import from_torch as from_torch
+from .convert import load_checkpoint as load_checkpoint
+from .convert import to_torch as to_torch
 
 __version__ = "0.1.0"
 
@@ -16,4 +19,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchStats",
     "batch_norm",
+    "from_torch",
+    "load_checkpoint",
+    "to_torch",
 ]

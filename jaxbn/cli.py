@@ -7,6 +7,7 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,8 +30,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parity.add_argument("-k", metavar="TEXT", help="only cases whose name contains TEXT")
     parity.add_argument("--list", action="store_true", help="list the cases and exit")
+    parity.set_defaults(run=run_parity)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a PyTorch checkpoint into a Flax msgpack file",
+        description=(
+            "Read CKPT (.pt/.pth/.bin/.ckpt without executing pickled code, or "
+            ".safetensors), convert every tensor with jaxbn.from_torch, print a "
+            "per-layer summary and write OUT with Flax's msgpack serialization. "
+            "Keys that cannot be converted are always listed; with --strict or "
+            "--template they make the command fail (exit 1) and nothing is written."
+        ),
+    )
+    convert.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT")
+    convert.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="OUT")
+    convert.add_argument(
+        "--template",
+        type=pathlib.Path,
+        metavar="VARS",
+        help="a Flax msgpack file (e.g. saved model.init output) the result must match",
+    )
+    convert.add_argument("--strict", action="store_true", help="fail on any unconverted key")
+    add_mapping_arguments(convert)
+    convert.add_argument(
+        "--saturate-counts",
+        action="store_true",
+        help="clamp num_batches_tracked beyond int32 instead of failing (x64 off)",
+    )
+    convert.set_defaults(run=run_convert)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="list a checkpoint's layers and inferred kinds without converting",
+    )
+    inspect.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT")
+    add_mapping_arguments(inspect)
+    inspect.set_defaults(run=run_inspect)
+
     args = parser.parse_args(argv)
-    return run_parity(args)
+    return args.run(args)
+
+
+def add_mapping_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="PREFIX=KIND",
+        help="layer kind of a torch module, e.g. --kind embed=Embedding (repeatable)",
+    )
+
+
+def parse_kinds(pairs: Sequence[str]) -> dict[str, str]:
+    kinds = {}
+    for pair in pairs:
+        prefix, sep, kind = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--kind expects PREFIX=KIND, got {pair!r}")
+        kinds[prefix] = kind
+    return kinds
 
 
 def run_parity(args: argparse.Namespace) -> int:
@@ -69,6 +128,95 @@ def progress(done: int, total: int, result: object) -> None:
         print(f"\r\033[K{text}", end=end, file=sys.stderr, flush=True)
     else:
         print(text, file=sys.stderr, flush=True)
+
+
+def load_or_exit(path: pathlib.Path) -> Any:
+    from .convert import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        raise SystemExit(f"jaxbn: {error}") from None
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import CheckpointError, from_torch, load_variables, save_variables
+
+    state = load_or_exit(args.checkpoint)
+    template = None
+    if args.template:
+        try:
+            template = load_variables(args.template)
+        except CheckpointError as error:
+            raise SystemExit(f"jaxbn: {error}") from None
+    variables, report = from_torch(
+        state,
+        template,
+        strict=False,
+        kinds=parse_kinds(args.kind),
+        counts="saturate" if args.saturate_counts else "error",
+        progress=progress_bar,
+    )
+    print(format_summary(report))
+    if report.problems and (args.strict or args.template):
+        print(f"\nnot written: {args.output}", file=sys.stderr)
+        return 1
+    save_variables(args.output, variables)
+    print(f"\nwrote {args.output} ({len(report.entries)} arrays)")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .convert import inspect
+
+    report = inspect(load_or_exit(args.checkpoint), kinds=parse_kinds(args.kind))
+    print(format_summary(report))
+    return 0
+
+
+def format_summary(report: Any) -> str:
+    """One row per tensor, grouped by layer: kind, shapes and layout."""
+    rows = [("layer", "kind", "torch", "", "flax", "layout")]
+    previous = None
+    for entry in report.entries:
+        layer = entry.torch_key.rpartition(".")[0] or "<root>"
+        shown = layer if layer != previous else ""
+        previous = layer
+        name = entry.torch_key.rpartition(".")[2]
+        rows.append(
+            (
+                shown,
+                entry.kind if shown else "",
+                f"{name} {list(entry.torch_shape)}",
+                "->",
+                f"{entry.flax_name} {list(entry.flax_shape)} {entry.dtype}",
+                "" if entry.layout == "same" else entry.layout,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.append(
+        f"\n{len(report.entries)} tensors in {len({e.torch_key.rpartition('.')[0] for e in report.entries})} layers"
+    )
+    lines.extend(f"note: {note}" for note in report.notes)
+    if report.problems:
+        lines.append("\n" + report.describe_problems())
+    return "\n".join(lines)
+
+
+def progress_bar(done: int, total: int) -> None:
+    """A bar on a terminal for checkpoints of many tensors; silent otherwise."""
+    if total < 100 or not sys.stderr.isatty():
+        return
+    filled = 30 * done // total
+    print(
+        f"\r[{'#' * filled}{' ' * (30 - filled)}] {done}/{total} tensors", end="", file=sys.stderr
+    )
+    if done == total:
+        print(file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ a case does not.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import math
 import time
@@ -28,19 +27,16 @@ import ml_dtypes
 import numpy as np
 
 import jaxbn
+from jaxbn.convert import from_torch
+from jaxbn.convert._arrays import import_torch, to_numpy, to_tensor
+from jaxbn.convert._layouts import LAYERS
 
 if TYPE_CHECKING:
     import torch
 
-# jaxbn's variable names -> PyTorch's state-dict names.
-TORCH_NAMES = {
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-    "num_batches_tracked": "num_batches_tracked",
-}
-PARAMS = ("scale", "bias")
+# jaxbn's variable names -> PyTorch's state-dict names, from the converter's table.
+TORCH_NAMES = {p.flax: p.torch for p in LAYERS["BatchNorm"]}
+PARAMS = tuple(p.flax for p in LAYERS["BatchNorm"] if p.collection == "params")
 
 # Measured against torch 2.13 (CPU) on ordinary inputs: float32 outputs agree
 # to ~5e-7 and gradients to ~1e-6; 1e-5 leaves a wide margin.
@@ -50,32 +46,9 @@ TOLERANCES = {
 }
 
 
-def import_torch() -> Any:
-    try:
-        return importlib.import_module("torch")
-    except ImportError as error:
-        raise ImportError(
-            "jaxbn.parity compares against PyTorch, which is not installed. "
-            "Install it with: pip install 'jaxbn[torch]'"
-        ) from error
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A torch tensor as numpy, keeping bfloat16 (as ml_dtypes.bfloat16)."""
-    torch = import_torch()
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
 def to_torch(a: Any) -> torch.Tensor:
     """A numpy or jax array as a torch tensor, keeping bfloat16."""
-    torch = import_torch()
-    a = np.asarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(a.copy())
+    return to_tensor(a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +117,7 @@ def torch_tensors(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def variables_of(ref: torch.nn.Module) -> dict[str, Any]:
     """The jaxbn variable tree holding a torch BatchNorm's tensors."""
-    variables: dict[str, Any] = {}
-    for name, tensor in torch_tensors(ref).items():
-        collection = "params" if name in PARAMS else "batch_stats"
-        value = to_numpy(tensor)
-        if name == "num_batches_tracked":
-            value = value.astype(jax.dtypes.canonicalize_dtype(jnp.int64))
-        variables.setdefault(collection, {})[name] = jnp.asarray(value)
-    return variables
+    return from_torch(ref)
 
 
 def make_pair(
@@ -161,14 +127,16 @@ def make_pair(
     torch = import_torch()
     torch.manual_seed(seed)
     param_dtype = options.parameter_dtype
+    # `bias=` is new in torch 2.13; pass it only when it matters.
+    no_bias = {} if options.use_bias else {"bias": False}
     ref = getattr(torch.nn, kind.torch_layer)(
         kind.channels,
         eps=options.eps,
         momentum=options.momentum,
         affine=options.affine,
         track_running_stats=options.track_running_stats,
-        bias=options.use_bias,
         dtype=getattr(torch, param_dtype),
+        **no_bias,
     )
     with torch.no_grad():
         tensors = torch_tensors(ref)
