@@ -591,3 +591,54 @@ def test_inspect_command_lists_layers_and_kinds(tmp_path):
     )
     assert "embed: ambiguous" in result.stdout
     assert not list(tmp_path.glob("*.msgpack"))
+
+
+class TorchResNetLike(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class FlaxResNetLike(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        def conv(name: str) -> nn.Conv:
+            return nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name=name)
+
+        def bn(name: str) -> jaxbn.BatchNorm:
+            return jaxbn.BatchNorm(use_running_average=not train, name=name)
+
+        x = nn.relu(bn("bn1")(conv("conv1")(x)))
+        x = nn.relu(x + bn("bn2")(conv("conv2")(x)))
+        return nn.Dense(4, name="fc")(x.mean(axis=(1, 2)))
+
+
+def test_trained_resnet_like_model_converts_and_matches_torch_in_eval():
+    torch.manual_seed(0)
+    model = TorchResNetLike()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(5):
+        x = torch.randn(8, 3, 6, 6) * 2 + 1
+        loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 4, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        logits_ref = model(x)
+    x_ans = np.moveaxis(to_numpy(x), 1, -1)
+    template = jax.eval_shape(lambda: FlaxResNetLike().init(jax.random.key(0), x_ans))
+    variables = from_torch(model, template)
+    assert int(variables["batch_stats"]["bn1"]["num_batches_tracked"]) == 5
+    logits_ans = FlaxResNetLike().apply(variables, x_ans)
+    assert_close(logits_ans, logits_ref, what="logits")
