@@ -215,11 +215,13 @@ def from_torch(
         if progress is not None:
             progress(done, len(report.entries))
     _warn_bad_variances(report.entries, variables)
-    template_keys = _flatten(template) if template is not None else None
+    template_keys = flatten_tree(template) if template is not None else None
     report = dataclasses.replace(
         report,
         **_against_template(
-            _flatten(variables), template_keys, {e.flax_key: e.torch_key for e in report.entries}
+            flatten_tree(variables),
+            template_keys,
+            {e.flax_key: e.torch_key for e in report.entries},
         ),
     )
     if strict:
@@ -253,7 +255,7 @@ def _plan(
     """The state dict, and one entry per tensor saying where it goes."""
     state, module_types, notes = _unwrap(obj)
     overrides = {prefix: kind_name(kind) for prefix, kind in (kinds or {}).items()}
-    template_keys = _flatten(template) if template is not None else None
+    template_keys = flatten_tree(template) if template is not None else None
     entries: list[Entry] = []
     unconverted: list[str] = []
     ambiguous: list[str] = []
@@ -516,7 +518,7 @@ def to_torch(
     torch_template, module_types, _ = _unwrap(template) if template is not None else ({}, {}, [])
     overrides = {prefix: kind_name(kind) for prefix, kind in (kinds or {}).items()}
     modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = {}
-    for (collection, *path, name), value in _flatten(variables).items():
+    for (collection, *path, name), value in flatten_tree(variables).items():
         modules.setdefault(tuple(path), {})[(collection, name)] = value
     state: dict[str, Any] = {}
     entries: list[Entry] = []
@@ -638,11 +640,11 @@ def _describe(value: Any) -> str:
 # --- trees -----------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[FlaxKey, Any]:
+def flatten_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[FlaxKey, Any]:
     if isinstance(tree, Mapping):
         flat: dict[FlaxKey, Any] = {}
         for key, value in tree.items():
-            flat |= _flatten(value, (*prefix, str(key)))
+            flat |= flatten_tree(value, (*prefix, str(key)))
         return flat
     return {prefix: tree}
 
@@ -666,4 +668,4 @@ def _join(prefix: str, name: str) -> str:
 
 def parameter_count(variables: Mapping[str, Any]) -> int:
     """Number of scalars in a variable tree."""
-    return sum(math.prod(np.shape(v)) for v in _flatten(variables).values())
+    return sum(math.prod(np.shape(v)) for v in flatten_tree(variables).values())
