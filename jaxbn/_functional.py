@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple, overload
+from functools import partial
+from typing import Any, NamedTuple, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -191,58 +192,147 @@ def batch_norm(
     if training and stats is not None:
         _check_momentum(momentum)
 
-    reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
     compute_dtype = jnp.float32 if x.dtype in _HALF_DTYPES else x.dtype
-    channel_shape = tuple(x.shape[i] if i == axis else 1 for i in range(x.ndim))
+    channels = x.shape[axis]
 
     def per_channel(v: jax.Array | None, default: float) -> jax.Array:
         if v is None:
-            return jnp.asarray(default, compute_dtype)
-        return v.astype(compute_dtype).reshape(channel_shape)
+            return jnp.full(channels, default, compute_dtype)
+        return v.reshape(-1).astype(compute_dtype)
 
-    xc = x.astype(compute_dtype)
-    gamma = per_channel(scale, 1.0)
-    beta = per_channel(bias, 0.0)
-
+    gamma, beta = per_channel(scale, 1.0), per_channel(bias, 0.0)
+    # A free reshape to (before, C, after): XLA:CPU reduces and broadcasts
+    # over one dimension on each side of the channels much faster than over
+    # several (2.7 ms -> 1.5 ms for a shifted sum over 256x512x7x7).
+    # (A trailing dimension of size 1 is dropped: channels-last is (before, C).)
+    after = math.prod(x.shape[axis + 1 :])
+    view = x.reshape(math.prod(x.shape[:axis]), channels, *((after,) if after > 1 else ()))
     if not use_batch_stats:
         assert stats is not None
         # PyTorch's eval kernel folds everything into one multiply-add.
         alpha = gamma / jnp.sqrt(per_channel(stats.var, 1.0) + eps)
         offset = beta - per_channel(stats.mean, 0.0) * alpha
-        return (xc * alpha + offset).astype(x.dtype), stats
+        alpha, offset = (_broadcast(v, view) for v in _per_channel_first(alpha, offset))
+        y = view.astype(compute_dtype) * alpha + offset
+        return y.astype(x.dtype).reshape(x.shape), stats
 
-    # Statistics of x - reference, where reference is one value of each
-    # channel: a mean of 1e4 standard deviations then costs no precision.
-    reference = _reference(xc, axis, axis_name, axis_index_groups).reshape(channel_shape)
-    shifted = xc - reference
-    n = float(count)  # a Python int beyond int32 would not enter jnp arithmetic
-    residual = _psum(jnp.sum(shifted, reduce_axes), axis_name, axis_index_groups) / n
-    centred = shifted - residual.reshape(channel_shape)
-    sum_sq = _psum(jnp.sum(jnp.square(centred), reduce_axes), axis_name, axis_index_groups)
-    var = sum_sq / n
-    y = centred * (gamma / jnp.sqrt(var.reshape(channel_shape) + eps)) + beta
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    config = _TrainConfig(float(eps), float(count), axis_name, groups)
+    outputs = _normalize_train(config, view, gamma, beta)
+    y, mean, var = cast(tuple[jax.Array, jax.Array, jax.Array], outputs)
+    y = y.reshape(x.shape)
     if stats is None:
-        return y.astype(x.dtype), None
-    batch = (
-        lax.stop_gradient(reference.reshape(-1) + residual),
-        lax.stop_gradient(sum_sq / (n - 1)),
+        return y, None
+    batch = (lax.stop_gradient(mean), lax.stop_gradient(var * (config.n / (config.n - 1))))
+    return y, _update(stats, batch, momentum)
+
+
+class _TrainConfig(NamedTuple):
+    """The static part of a training step (hashable, for custom_vjp)."""
+
+    eps: float
+    n: float  # values per channel over all devices
+    axis_name: str | None
+    groups: tuple[tuple[int, ...], ...] | None
+
+    def psum(self, v: jax.Array) -> jax.Array:
+        return _psum(v, self.axis_name, self.groups)
+
+
+def _broadcast(v: jax.Array, view: jax.Array) -> jax.Array:
+    """A ``(C,)`` array against ``view``, which is (before, C) or (before, C, after)."""
+    return v if view.ndim == 2 else v[:, None]
+
+
+def _reduce(view: jax.Array) -> tuple[int, ...]:
+    return (0,) if view.ndim == 2 else (0, 2)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _normalize_train(
+    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, batch mean, biased batch variance)`` of a training step.
+
+    One sweep over ``x`` gives both statistics, taken around a reference
+    value from each channel's data, so a mean of 1e4 standard deviations
+    costs no precision. The backward pass is PyTorch's closed form and saves
+    only per-channel values besides ``x`` itself. The statistics outputs are
+    not differentiable (like PyTorch's running buffers; the caller stops
+    their gradient).
+    """
+    return _normalize_train_fwd(config, x, gamma, beta)[0]
+
+
+def _normalize_train_fwd(
+    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    n = config.n
+    xc = x.astype(gamma.dtype)
+    reference = _reference(xc, config)
+    # One copy of the reference per use: XLA would otherwise share a single
+    # broadcast between the two reductions and write it out in full.
+    ref_sum, ref_sq, ref_out = (_broadcast(r, x) for r in _per_channel_first(*(reference,) * 3))
+    sum_shifted = config.psum(jnp.sum(xc - ref_sum, _reduce(x)))
+    sum_squares = config.psum(jnp.sum(jnp.square(xc - ref_sq), _reduce(x)))
+    shift = sum_shifted / n  # batch mean - reference
+    var = jnp.maximum(sum_squares / n - jnp.square(shift), 0)
+    inv_std = 1 / jnp.sqrt(var + config.eps)
+    shift_b, scale_b, beta_b = (
+        _broadcast(v, x) for v in _per_channel_first(shift, gamma * inv_std, beta)
     )
-    return y.astype(x.dtype), _update(stats, batch, momentum)
+    y = (((xc - ref_out) - shift_b) * scale_b + beta_b).astype(x.dtype)
+    return (y, reference + shift, var), (x, reference, shift, inv_std, gamma)
 
 
-def _reference(
-    x: jax.Array, axis: int, axis_name: str | None, groups: Sequence[Sequence[int]] | None
-) -> jax.Array:
+def _normalize_train_bwd(
+    config: _TrainConfig, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, reference, shift, inv_std, gamma = residuals
+    n = config.n
+    dy = cotangents[0].astype(gamma.dtype)
+    xc = x.astype(gamma.dtype)
+
+    def x_hat(per_channel: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        reference, shift, inv_std = (_broadcast(v, x) for v in per_channel)
+        return ((xc - reference) - shift) * inv_std
+
+    # Two copies, as in the forward pass, so x_hat is never written out.
+    first, second = _per_channel_first((reference, shift, inv_std), (reference, shift, inv_std))
+    sum_dy = jnp.sum(dy, _reduce(x))
+    sum_dy_xhat = jnp.sum(dy * x_hat(first), _reduce(x))
+    mean_dy = config.psum(sum_dy) / n
+    mean_dy_xhat = config.psum(sum_dy_xhat) / n
+    scale_b, mean_dy_b, mean_dy_xhat_b = (
+        _broadcast(v, x) for v in _per_channel_first(gamma * inv_std, mean_dy, mean_dy_xhat)
+    )
+    dx = scale_b * (dy - mean_dy_b - x_hat(second) * mean_dy_xhat_b)
+    return dx.astype(x.dtype), sum_dy_xhat.astype(gamma.dtype), sum_dy.astype(gamma.dtype)
+
+
+_normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+
+
+def _per_channel_first(*values: Any) -> Any:
+    """Compute per-channel values once, before the full-size loop uses them.
+
+    XLA would otherwise fuse these small computations into the loop over
+    every element and redo divisions and square roots per element.
+    """
+    return lax.optimization_barrier(values)
+
+
+def _reference(x: jax.Array, config: _TrainConfig) -> jax.Array:
     """A ``(C,)`` value near each channel's data, the same on every device.
 
     Any value works mathematically (it cancels); one from the data keeps the
     shifted sums small. Non-finite values are replaced by 0 so that NaN and
     inf propagate through the sums exactly as without the shift.
     """
-    first = x[tuple(slice(None) if i == axis else 0 for i in range(x.ndim))]
+    first = x[0] if x.ndim == 2 else x[0, :, 0]
     first = lax.stop_gradient(jnp.where(jnp.isfinite(first), first, 0))
-    if axis_name is not None:
-        first = lax.pmax(first, axis_name, axis_index_groups=groups)
+    if config.axis_name is not None:
+        first = lax.pmax(first, config.axis_name, axis_index_groups=config.groups)
     return first
 
 

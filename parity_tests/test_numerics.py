@@ -28,7 +28,8 @@ from jaxbn.parity import (
 from .conftest import assert_close
 from .test_parity import run_case
 
-OFFSETS = [1e2, 1e3, 1e4]
+# From zero-mean data to a mean 1e4 standard deviations away.
+OFFSETS = [0.0, 1.0, 3.9, 1e2, 1e3, 1e4]
 
 
 def large_mean_batch(offset: float) -> np.ndarray:
