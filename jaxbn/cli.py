@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -67,6 +68,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT")
     add_mapping_arguments(inspect)
     inspect.set_defaults(run=run_inspect)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time jaxbn against Flax, PyTorch and the memory-bandwidth floor",
+        description=(
+            "Time jaxbn, flax.linen.BatchNorm (fast and two-pass variance), "
+            "torch.nn.BatchNorm2d (NCHW and channels_last) and a bandwidth probe "
+            "(jitted copy and sum of the same tensor), interleaved in one process, "
+            "for eval, train forward and train forward+backward; print medians, "
+            "GB/s, ratios to the floor and to jaxbn, page faults, compile times, and "
+            "the performance targets. Runs on the default JAX device (and CUDA for "
+            "torch when present)."
+        ),
+    )
+    from ._bench import LAYOUTS, MODES, SHAPES
+
+    bench.add_argument(
+        "--shape", action="append", choices=list(SHAPES), help="repeatable; default all"
+    )
+    bench.add_argument(
+        "--layout", action="append", choices=LAYOUTS, help="repeatable; default both"
+    )
+    bench.add_argument("--mode", action="append", choices=MODES, help="repeatable; default all")
+    bench.add_argument(
+        "--reps", type=int, default=10, help="rounds of interleaved calls (default 10)"
+    )
+    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    bench.add_argument(
+        "--json", type=pathlib.Path, metavar="PATH", help="also save the timings as JSON"
+    )
+    bench.set_defaults(run=run_bench)
 
     args = parser.parse_args(argv)
     return args.run(args)
@@ -205,6 +237,34 @@ def format_summary(report: Any) -> str:
     if report.problems:
         lines.append("\n" + report.describe_problems())
     return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    # PyTorch's OpenMP threads otherwise spin after each call and steal the
+    # cores from whatever runs next; must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from . import _bench
+
+    environment = _bench.environment(with_torch=not args.no_torch)
+    print("jaxbn bench: " + ", ".join(f"{k} {v}" for k, v in environment.items()))
+    timings = _bench.run(
+        args.shape or list(_bench.SHAPES),
+        args.layout or list(_bench.LAYOUTS),
+        args.mode or list(_bench.MODES),
+        reps=args.reps,
+        with_torch=not args.no_torch,
+        progress=lambda what: print(f"timing {what} ...", file=sys.stderr, flush=True),
+    )
+    print(_bench.format_report(timings))
+    if args.json:
+        report = {"environment": dict(environment), "timings": [t.to_json() for t in timings]}
+        report["targets"] = [
+            {"target": what, "value": value, "bar": bar, "met": met}
+            for what, value, bar, met in _bench.targets(timings)
+        ]
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"timings saved to {args.json}")
+    return 0
 
 
 def progress_bar(done: int, total: int) -> None:
