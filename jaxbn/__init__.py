@@ -1,7 +1,9 @@
 """jaxbn: BatchNorm for JAX and Flax that is exactly PyTorch's."""
 
+from . import nnx as nnx
 from ._functional import BatchStats as BatchStats
 from ._functional import batch_norm as batch_norm
+from ._layers import synchronized as synchronized
 from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d
 from ._linen import BatchNorm2d as BatchNorm2d
@@ -21,5 +23,7 @@ __all__ = [
     "batch_norm",
     "from_torch",
     "load_checkpoint",
+    "nnx",
+    "synchronized",
     "to_torch",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple, cast, overload
 
@@ -71,6 +71,7 @@ def batch_norm(
     axis: int,
     axis_name: str | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, BatchStats]: ...
 
 
@@ -87,6 +88,7 @@ def batch_norm(
     axis: int,
     axis_name: str | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, None]: ...
 
 
@@ -102,6 +104,7 @@ def batch_norm(
     axis: int,
     axis_name: str | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, BatchStats | None]:
     """PyTorch's ``F.batch_norm``, as a pure function of explicit state.
 
@@ -142,7 +145,15 @@ def batch_norm(
       axis_name: a named axis (``shard_map``, ``pmap``, ``vmap``) over which
         batch statistics are combined, weighted by element count.
       axis_index_groups: subsets of ``axis_name``'s devices that normalise
-        together, as in ``jax.lax.psum``.
+        together, as in ``jax.lax.psum`` (``pmap`` only: ``shard_map`` does
+        not support groups).
+      mask: boolean, broadcastable to ``x``; True marks valid elements, e.g.
+        the real samples of a padded per-device batch. Only valid elements
+        enter the batch statistics (counted over all devices); masked
+        outputs are 0 and pass no gradient, so NaNs there never leak. A
+        channel with at most one valid value over all devices keeps its
+        running mean and variance (PyTorch would raise; a mask is only
+        known at run time). None: every element is valid.
 
     Returns:
       ``(y, new_stats)``: ``y`` has the shape and dtype of ``x``;
@@ -189,6 +200,7 @@ def batch_norm(
     channel_args = _per_channel_arrays(stats, scale, bias)
     _check_channels(x, axis, channel_args)
     _check_dtypes(x, channel_args)
+    valid = None if mask is None else _check_mask(mask, x)
     if training and stats is not None:
         _check_momentum(momentum)
 
@@ -213,18 +225,23 @@ def batch_norm(
         alpha = gamma / jnp.sqrt(per_channel(stats.var, 1.0) + eps)
         offset = beta - per_channel(stats.mean, 0.0) * alpha
         alpha, offset = (_broadcast(v, view) for v in _per_channel_first(alpha, offset))
-        y = view.astype(compute_dtype) * alpha + offset
+        valid_view = _masked(None if valid is None else valid.reshape(view.shape))
+        # Masked twice: the inner select keeps NaN padding out of the gradients.
+        y = valid_view(valid_view(view.astype(compute_dtype)) * alpha + offset)
         return y.astype(x.dtype).reshape(x.shape), stats
 
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     config = _TrainConfig(float(eps), float(count), axis_name, groups)
-    outputs = _normalize_train(config, view, gamma, beta)
-    y, mean, var = cast(tuple[jax.Array, jax.Array, jax.Array], outputs)
+    view_mask = None if valid is None else valid.reshape(view.shape)
+    gamma, beta = _varying_like(view, gamma, beta)
+    outputs = _normalize_train(config, view, gamma, beta, view_mask)
+    y, mean, var, n = cast(tuple[jax.Array, ...], outputs)
     y = y.reshape(x.shape)
     if stats is None:
         return y, None
-    batch = (lax.stop_gradient(mean), lax.stop_gradient(var * (config.n / (config.n - 1))))
-    return y, _update(stats, batch, momentum)
+    unbiased = var * (n / jnp.maximum(n - 1, 1))
+    batch = (lax.stop_gradient(mean), lax.stop_gradient(unbiased))
+    return y, _update(stats, batch, momentum, None if valid is None else n > 1)
 
 
 class _TrainConfig(NamedTuple):
@@ -250,47 +267,55 @@ def _reduce(view: jax.Array) -> tuple[int, ...]:
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _normalize_train(
-    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(y, batch mean, biased batch variance)`` of a training step.
+    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, ...]:
+    """``(y, batch mean, biased batch variance, count)`` of a training step.
 
     One sweep over ``x`` gives both statistics, taken around a reference
     value from each channel's data, so a mean of 1e4 standard deviations
     costs no precision. The backward pass is PyTorch's closed form and saves
-    only per-channel values besides ``x`` itself. The statistics outputs are
-    not differentiable (like PyTorch's running buffers; the caller stops
-    their gradient).
+    only per-channel values besides ``x`` (and the mask) itself. The
+    statistics outputs are not differentiable (like PyTorch's running
+    buffers; the caller stops their gradient).
     """
-    return _normalize_train_fwd(config, x, gamma, beta)[0]
+    return _normalize_train_fwd(config, x, gamma, beta, mask)[0]
+
+
+def _masked(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
+    """Zero outside the mask (a select, so NaN there stays out)."""
+    if mask is None:
+        return lambda v: v
+    return lambda v: jnp.where(mask, v, 0)
 
 
 def _normalize_train_fwd(
-    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array
-) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
-    n = config.n
+    config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
+) -> tuple[tuple[jax.Array, ...], tuple[Any, ...]]:
+    valid = _masked(mask)
     xc = x.astype(gamma.dtype)
-    reference = _reference(xc, config)
+    n = _count(config, mask, gamma)
+    reference = _reference(xc, mask, config)
     # One copy of the reference per use: XLA would otherwise share a single
     # broadcast between the two reductions and write it out in full.
     ref_sum, ref_sq, ref_out = (_broadcast(r, x) for r in _per_channel_first(*(reference,) * 3))
-    sum_shifted = config.psum(jnp.sum(xc - ref_sum, _reduce(x)))
-    sum_squares = config.psum(jnp.sum(jnp.square(xc - ref_sq), _reduce(x)))
-    shift = sum_shifted / n  # batch mean - reference
-    var = jnp.maximum(sum_squares / n - jnp.square(shift), 0)
+    sum_shifted = config.psum(jnp.sum(valid(xc - ref_sum), _reduce(x)))
+    sum_squares = config.psum(jnp.sum(valid(jnp.square(xc - ref_sq)), _reduce(x)))
+    shift = sum_shifted / jnp.maximum(n, 1)  # batch mean - reference
+    var = jnp.maximum(sum_squares / jnp.maximum(n, 1) - jnp.square(shift), 0)
     inv_std = 1 / jnp.sqrt(var + config.eps)
     shift_b, scale_b, beta_b = (
         _broadcast(v, x) for v in _per_channel_first(shift, gamma * inv_std, beta)
     )
-    y = (((xc - ref_out) - shift_b) * scale_b + beta_b).astype(x.dtype)
-    return (y, reference + shift, var), (x, reference, shift, inv_std, gamma)
+    y = valid(((xc - ref_out) - shift_b) * scale_b + beta_b).astype(x.dtype)
+    return (y, reference + shift, var, n), (x, mask, reference, shift, inv_std, gamma, n)
 
 
 def _normalize_train_bwd(
-    config: _TrainConfig, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, ...]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    x, reference, shift, inv_std, gamma = residuals
-    n = config.n
-    dy = cotangents[0].astype(gamma.dtype)
+    config: _TrainConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, ...]
+) -> tuple[Any, ...]:
+    x, mask, reference, shift, inv_std, gamma, n = residuals
+    valid = _masked(mask)
+    dy = valid(cotangents[0].astype(gamma.dtype))
     xc = x.astype(gamma.dtype)
 
     def x_hat(per_channel: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
@@ -300,17 +325,45 @@ def _normalize_train_bwd(
     # Two copies, as in the forward pass, so x_hat is never written out.
     first, second = _per_channel_first((reference, shift, inv_std), (reference, shift, inv_std))
     sum_dy = jnp.sum(dy, _reduce(x))
-    sum_dy_xhat = jnp.sum(dy * x_hat(first), _reduce(x))
-    mean_dy = config.psum(sum_dy) / n
-    mean_dy_xhat = config.psum(sum_dy_xhat) / n
+    sum_dy_xhat = jnp.sum(valid(dy * x_hat(first)), _reduce(x))
+    mean_dy = config.psum(sum_dy) / jnp.maximum(n, 1)
+    mean_dy_xhat = config.psum(sum_dy_xhat) / jnp.maximum(n, 1)
     scale_b, mean_dy_b, mean_dy_xhat_b = (
         _broadcast(v, x) for v in _per_channel_first(gamma * inv_std, mean_dy, mean_dy_xhat)
     )
-    dx = scale_b * (dy - mean_dy_b - x_hat(second) * mean_dy_xhat_b)
-    return dx.astype(x.dtype), sum_dy_xhat.astype(gamma.dtype), sum_dy.astype(gamma.dtype)
+    dx = valid(scale_b * (dy - mean_dy_b - x_hat(second) * mean_dy_xhat_b))
+    dgamma, dbeta = sum_dy_xhat.astype(gamma.dtype), sum_dy.astype(gamma.dtype)
+    return dx.astype(x.dtype), dgamma, dbeta, None
 
 
 _normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+
+
+def _varying_like(x: jax.Array, *values: jax.Array) -> tuple[jax.Array, ...]:
+    """``values`` marked as varying over every shard_map axis that ``x`` varies over.
+
+    Inside shard_map, parameters replicated across devices meet a batch that
+    varies; JAX's autodiff then sums their gradients over the devices. The
+    custom VJP must see the same types, so the marking happens here, where
+    JAX would have inserted it. (A no-op outside shard_map.)
+    """
+
+    def varying(v: jax.Array) -> frozenset[str]:
+        manual = getattr(jax.typeof(v), "manual_axis_type", None)
+        return frozenset(getattr(manual, "varying", ()))
+
+    out = []
+    for v in values:
+        missing = varying(x) - varying(v)
+        out.append(lax.pcast(v, tuple(sorted(missing)), to="varying") if missing else v)
+    return tuple(out)
+
+
+def _count(config: _TrainConfig, mask: jax.Array | None, like: jax.Array) -> jax.Array:
+    """Valid values per channel over all devices, as a ``(C,)`` float array."""
+    if mask is None:
+        return jnp.full(like.shape, config.n, like.dtype)
+    return config.psum(jnp.sum(mask, _reduce(mask), dtype=like.dtype))
 
 
 def _per_channel_first(*values: Any) -> Any:
@@ -322,26 +375,43 @@ def _per_channel_first(*values: Any) -> Any:
     return lax.optimization_barrier(values)
 
 
-def _reference(x: jax.Array, config: _TrainConfig) -> jax.Array:
+def _reference(x: jax.Array, mask: jax.Array | None, config: _TrainConfig) -> jax.Array:
     """A ``(C,)`` value near each channel's data, the same on every device.
 
-    Any value works mathematically (it cancels); one from the data keeps the
-    shifted sums small. Non-finite values are replaced by 0 so that NaN and
-    inf propagate through the sums exactly as without the shift.
+    Any value works mathematically (it cancels); one near the data keeps the
+    shifted sums small: the mean of each channel's first position after the
+    channel axis over the leading axis, or, for a (before, C) view, the first
+    row. Non-finite and masked values are left out, so that NaN and inf
+    propagate through the sums exactly as without the shift.
     """
-    first = x[0] if x.ndim == 2 else x[0, :, 0]
-    first = lax.stop_gradient(jnp.where(jnp.isfinite(first), first, 0))
-    if config.axis_name is not None:
-        first = lax.pmax(first, config.axis_name, axis_index_groups=config.groups)
-    return first
+    sample = x if x.ndim == 2 else x[:, :, 0]
+    usable = jnp.isfinite(sample)
+    if mask is not None:
+        usable &= mask if x.ndim == 2 else mask[:, :, 0]
+    if x.ndim == 2 and not _explicitly_sharded(sample):
+        # (Under explicit sharding the leading axis cannot be sliced.)
+        sample, usable = sample[:1], usable[:1]
+    total = config.psum(jnp.sum(jnp.where(usable, sample, 0), 0))
+    count = config.psum(jnp.sum(usable, 0, dtype=sample.dtype))
+    return lax.stop_gradient(total / jnp.maximum(count, 1))
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and spec[0] is not None
 
 
 def _update(
     stats: BatchStats,
     batch: tuple[jax.Array, jax.Array] | None,
     momentum: float | None,
+    where: jax.Array | None = None,
 ) -> BatchStats:
-    """One PyTorch running-statistics step; ``batch`` is (mean, unbiased var)."""
+    """One PyTorch running-statistics step; ``batch`` is (mean, unbiased var).
+
+    ``where`` (per channel) limits the update of mean and var to channels
+    that had enough valid values.
+    """
     count = stats.num_batches_tracked
     # PyTorch's int64 counter wraps to a negative number; ours saturates.
     tracked = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
@@ -353,7 +423,10 @@ def _update(
 
     def ema(running: jax.Array, new: jax.Array) -> jax.Array:
         new = new.reshape(running.shape)
-        return (m * new + (1 - m) * running.astype(dtype)).astype(running.dtype)
+        updated = (m * new + (1 - m) * running.astype(dtype)).astype(running.dtype)
+        return (
+            updated if where is None else jnp.where(where.reshape(running.shape), updated, running)
+        )
 
     return BatchStats(
         mean=ema(stats.mean, batch_mean),
@@ -448,6 +521,26 @@ def _check_dtypes(x: jax.Array, per_channel: dict[str, jax.Array]) -> None:
         "input's dtype (or all be float32 for a bfloat16/float16 input). "
         "Cast the input, or create the layer with a matching param_dtype."
     )
+
+
+def _check_mask(mask: ArrayLike, x: jax.Array) -> jax.Array:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"`mask` must be boolean (True marks valid elements), got dtype {mask.dtype}. "
+            "Use e.g. mask=lengths[:, None] > jnp.arange(n)."
+        )
+    try:
+        broadcast = jnp.broadcast_shapes(mask.shape, x.shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != x.shape:
+        raise ValueError(
+            f"`mask` of shape {mask.shape} does not broadcast to the input's shape "
+            f"{tuple(x.shape)}; give it the input's rank with size-1 axes where it does "
+            "not vary, e.g. (N, 1, 1, 1) for whole samples of an (N, C, H, W) batch."
+        )
+    return jnp.broadcast_to(mask, x.shape)
 
 
 def _check_counter(count: ArrayLike) -> None:

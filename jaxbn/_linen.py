@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import BatchStats, batch_norm, check_axis
+from ._functional import BatchStats, batch_norm
+from ._layers import channel_axis, check_num_features, resolve_sync
 
 Initializer = Any
 
@@ -35,11 +36,19 @@ class _BatchNormBase(nn.Module):
     axis_name: str | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
+    layer: ClassVar[str]  # the PyTorch layer it mirrors, a key of _layers.LAYOUTS
+
     def _channel_axis(self, x: jax.Array) -> int:
-        raise NotImplementedError
+        return channel_axis(self.layer, x, 1)
 
     @nn.compact
-    def __call__(self, x: ArrayLike, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: ArrayLike,
+        use_running_average: bool | None = None,
+        *,
+        mask: ArrayLike | None = None,
+    ) -> jax.Array:
         """Normalises ``x``; updates ``batch_stats`` in a training step.
 
         Args:
@@ -49,6 +58,8 @@ class _BatchNormBase(nn.Module):
             constructor field, not both. May be omitted when
             ``track_running_stats=False``, where batch statistics are always
             used.
+          mask: boolean, broadcastable to ``x``: the valid elements (see
+            :func:`jaxbn.batch_norm`).
 
         Returns:
           The normalised input, in ``dtype`` if set, else in ``x``'s dtype.
@@ -85,7 +96,9 @@ class _BatchNormBase(nn.Module):
             # reduced across devices, and a tracked layer normalises with its
             # initial statistics (so a single example is fine).
             stats = initial if self.track_running_stats else None
-            y, _ = batch_norm(x, stats, scale, bias, training=False, eps=self.eps, axis=axis)
+            y, _ = batch_norm(
+                x, stats, scale, bias, training=False, eps=self.eps, axis=axis, mask=mask
+            )
         else:
             stats = None
             if variables:
@@ -99,6 +112,7 @@ class _BatchNormBase(nn.Module):
                     "returned statistics, or pass use_running_average=True for "
                     "eval."
                 )
+            sync = resolve_sync(self.axis_name, self.axis_index_groups)
             y, new_stats = batch_norm(
                 x,
                 stats,
@@ -108,19 +122,14 @@ class _BatchNormBase(nn.Module):
                 momentum=self.momentum,
                 eps=self.eps,
                 axis=axis,
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
+                axis_name=sync.axis_name,
+                axis_index_groups=sync.axis_index_groups,
+                mask=mask,
             )
             if training and new_stats is not None:
                 for name, value in new_stats._asdict().items():
                     variables[name].value = value
-        if x.size and self.num_features not in (None, x.shape[axis]):
-            raise RuntimeError(
-                f"{type(self).__name__}(num_features={self.num_features}) got an input of "
-                f"shape {tuple(x.shape)} with {x.shape[axis]} channels on axis "
-                f"{axis}. Build the layer with num_features={x.shape[axis]}, or "
-                "check the input's layout."
-            )
+        check_num_features(type(self).__name__, self.num_features, x, axis)
         return y if self.dtype is None else y.astype(self.dtype)
 
     def _training(self, use_running_average: bool | None) -> bool:
@@ -179,30 +188,13 @@ class BatchNorm(_BatchNormBase):
     """
 
     axis: int = -1
+    layer = "BatchNorm"
 
     def _channel_axis(self, x: jax.Array) -> int:
-        return check_axis(x, self.axis)
+        return channel_axis(self.layer, x, self.axis)
 
 
-class _TorchLayout(_BatchNormBase):
-    """Channel axis 1 and PyTorch's rank check."""
-
-    ranks: ClassVar[tuple[int, ...]] = ()
-    layout: ClassVar[str] = ""
-
-    def _channel_axis(self, x: jax.Array) -> int:
-        if x.ndim not in self.ranks:
-            expected = " or ".join(f"{rank}D" for rank in self.ranks)
-            raise ValueError(
-                f"expected {expected} input (got {x.ndim}D input): "
-                f"{type(self).__name__} expects {self.layout}, got shape "
-                f"{tuple(x.shape)}. For channels-last data use "
-                "jaxbn.BatchNorm(axis=-1)."
-            )
-        return 1
-
-
-class BatchNorm1d(_TorchLayout):
+class BatchNorm1d(_BatchNormBase):
     """``torch.nn.BatchNorm1d``: input (N, C) or (N, C, L), channel axis 1.
 
     Fields as :class:`BatchNorm`, without ``axis``.
@@ -213,11 +205,10 @@ class BatchNorm1d(_TorchLayout):
     {'batch_stats': {'mean': (3,), 'num_batches_tracked': (), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
     """
 
-    ranks = (2, 3)
-    layout = "(N, C) or (N, C, L)"
+    layer = "BatchNorm1d"
 
 
-class BatchNorm2d(_TorchLayout):
+class BatchNorm2d(_BatchNormBase):
     """``torch.nn.BatchNorm2d``: input (N, C, H, W), channel axis 1.
 
     Fields as :class:`BatchNorm`, without ``axis``.
@@ -228,11 +219,10 @@ class BatchNorm2d(_TorchLayout):
     {'batch_stats': {'mean': (3,), 'num_batches_tracked': (), 'var': (3,)}}
     """
 
-    ranks = (4,)
-    layout = "(N, C, H, W)"
+    layer = "BatchNorm2d"
 
 
-class BatchNorm3d(_TorchLayout):
+class BatchNorm3d(_BatchNormBase):
     """``torch.nn.BatchNorm3d``: input (N, C, D, H, W), channel axis 1.
 
     Fields as :class:`BatchNorm`, without ``axis``.
@@ -243,5 +233,4 @@ class BatchNorm3d(_TorchLayout):
     {'params': {'bias': (3,), 'scale': (3,)}}
     """
 
-    ranks = (5,)
-    layout = "(N, C, D, H, W)"
+    layer = "BatchNorm3d"

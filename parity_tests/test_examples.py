@@ -25,3 +25,10 @@ def test_train_cnn_learns_and_counts_steps():
     assert result["num_batches_tracked"] == 20
     assert math.isfinite(result["last_loss"])
     assert result["last_loss"] < result["first_loss"]
+
+
+def test_data_parallel_statistics_equal_a_single_device_run():
+    worst = load("data_parallel").main(steps=3, verbose=False)
+    assert worst["batch_stats"] < 1e-5
+    assert worst["params"] < 1e-5
+    assert worst["loss"] < 1e-5

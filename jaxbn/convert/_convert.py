@@ -182,8 +182,9 @@ def from_torch(
         (``{'state_dict': ...}``, ``{'model': ...}``) and DDP's ``module.``
         prefix are removed.
       template: optional Flax variables (``model.init(...)`` or its
-        ``jax.eval_shape``) the result must match key for key, in shape and
-        dtype.
+        ``jax.eval_shape``), or an NNX model, that the result must match key
+        for key, in shape and dtype. For an NNX model, load the result with
+        :func:`jaxbn.nnx.update`.
       strict: raise :class:`ConversionError` listing every problem. With
         False, return ``(variables, report)`` instead.
       kinds: ``{torch module prefix: kind}`` overrides, e.g.
@@ -200,6 +201,7 @@ def from_torch(
       them anywhere; ``jax.device_put`` moves them to a device), or
       ``(variables, report)`` when ``strict=False``.
     """
+    template = _as_variables(template)
     state, report = _plan(obj, template, kinds, flax_path)
     variables: Variables = {}
     for done, entry in enumerate(report.entries, 1):
@@ -469,7 +471,7 @@ def _warn_bad_variances(entries: Iterable[Entry], variables: Variables) -> None:
 
 @overload
 def to_torch(
-    variables: Mapping[str, Any],
+    variables: Any,
     template: Any = None,
     *,
     strict: Literal[True] = True,
@@ -480,7 +482,7 @@ def to_torch(
 
 @overload
 def to_torch(
-    variables: Mapping[str, Any],
+    variables: Any,
     template: Any = None,
     *,
     strict: Literal[False],
@@ -490,7 +492,7 @@ def to_torch(
 
 
 def to_torch(
-    variables: Mapping[str, Any],
+    variables: Any,
     template: Any = None,
     *,
     strict: bool = True,
@@ -508,7 +510,7 @@ def to_torch(
     result, and the keys come in the template's order.
 
     Args:
-      variables: ``{'params': ..., 'batch_stats': ...}``.
+      variables: ``{'params': ..., 'batch_stats': ...}``, or an NNX model.
       template: optional ``torch.nn.Module`` or state dict.
       strict: raise :class:`ConversionError` listing every problem; with
         False, return ``(state_dict, report)``.
@@ -518,7 +520,7 @@ def to_torch(
     torch_template, module_types, _ = _unwrap(template) if template is not None else ({}, {}, [])
     overrides = {prefix: kind_name(kind) for prefix, kind in (kinds or {}).items()}
     modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = {}
-    for (collection, *path, name), value in flatten_tree(variables).items():
+    for (collection, *path, name), value in flatten_tree(_as_variables(variables)).items():
         modules.setdefault(tuple(path), {})[(collection, name)] = value
     state: dict[str, Any] = {}
     entries: list[Entry] = []
@@ -582,6 +584,17 @@ def _infer_from_flax_names(leaves: Mapping[tuple[str, str], Any]) -> str | None:
     if "scale" in names:
         return "Norm"
     return None
+
+
+def _as_variables(tree: Any) -> Any:
+    """An NNX model's state as a linen-style tree; anything else as it is."""
+    from flax import nnx
+
+    if isinstance(tree, nnx.Module):
+        from .._nnx import variables
+
+        return variables(tree)
+    return tree
 
 
 # --- accounting ------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""What the linen and NNX layers share: PyTorch's layer checks, and synchronisation.
+
+Depends on jax only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+
+from ._functional import check_axis
+
+
+class Layout(NamedTuple):
+    """A PyTorch layer's accepted ranks and the layout it names in errors."""
+
+    ranks: tuple[int, ...]
+    description: str
+
+
+# None: a channel axis of the user's choosing (jaxbn.BatchNorm).
+LAYOUTS: dict[str, Layout | None] = {
+    "BatchNorm": None,
+    "BatchNorm1d": Layout((2, 3), "(N, C) or (N, C, L)"),
+    "BatchNorm2d": Layout((4,), "(N, C, H, W)"),
+    "BatchNorm3d": Layout((5,), "(N, C, D, H, W)"),
+}
+
+
+def channel_axis(layer: str, x: jax.Array, axis: int) -> int:
+    """The channel axis of ``x`` for ``layer``, with PyTorch's rank check."""
+    layout = LAYOUTS[layer]
+    if layout is None:
+        return check_axis(x, axis)
+    if x.ndim not in layout.ranks:
+        expected = " or ".join(f"{rank}D" for rank in layout.ranks)
+        raise ValueError(
+            f"expected {expected} input (got {x.ndim}D input): {layer} expects "
+            f"{layout.description}, got shape {tuple(x.shape)}. For channels-last "
+            "data use jaxbn.BatchNorm(axis=-1)."
+        )
+    return 1
+
+
+def check_num_features(layer: str, num_features: int | None, x: jax.Array, axis: int) -> None:
+    """``num_features``, when given, must be the input's channel count."""
+    if x.size and num_features not in (None, x.shape[axis]):
+        raise RuntimeError(
+            f"{layer}(num_features={num_features}) got an input of shape "
+            f"{tuple(x.shape)} with {x.shape[axis]} channels on axis {axis}. Build "
+            f"the layer with num_features={x.shape[axis]}, or check the input's layout."
+        )
+
+
+class Sync(NamedTuple):
+    axis_name: str | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+
+
+_SYNC: contextvars.ContextVar[Sync] = contextvars.ContextVar("jaxbn_sync", default=Sync())  # noqa: B039 (immutable)
+
+
+@contextlib.contextmanager
+def synchronized(
+    axis_name: str, axis_index_groups: Sequence[Sequence[int]] | None = None
+) -> Iterator[None]:
+    """Every jaxbn layer called inside combines its batch statistics over ``axis_name``.
+
+    The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``:
+    instead of rebuilding the model, trace it inside this context (within
+    ``shard_map``/``pmap``/``vmap`` where ``axis_name`` is bound). Layers
+    with their own ``axis_name`` keep it.
+
+    >>> x = jnp.arange(12.0).reshape(4, 3)  # two devices' batches of (2, 3)
+    >>> def shard(x):
+    ...     with jaxbn.synchronized("batch"):
+    ...         return jaxbn.BatchNorm1d(affine=False, track_running_stats=False).apply({}, x)
+    >>> y = jax.vmap(shard, axis_name="batch")(x.reshape(2, 2, 3))
+    >>> bool(jnp.allclose(y.reshape(4, 3), jaxbn.batch_norm(x, None, training=True, axis=1)[0]))
+    True
+    """
+    token = _SYNC.set(Sync(axis_name, axis_index_groups))
+    try:
+        yield
+    finally:
+        _SYNC.reset(token)
+
+
+def resolve_sync(axis_name: str | None, axis_index_groups: Sequence[Sequence[int]] | None) -> Sync:
+    """A layer's own axis_name if set, else the one of :func:`synchronized`."""
+    if axis_name is not None:
+        return Sync(axis_name, axis_index_groups)
+    return _SYNC.get()
