@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
+from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import check_axis
+from ._functional import BatchStats, batch_norm, check_axis
 
 
 class Layout(NamedTuple):
@@ -95,3 +96,54 @@ def resolve_sync(axis_name: str | None, axis_index_groups: Sequence[Sequence[int
     if axis_name is not None:
         return Sync(axis_name, axis_index_groups)
     return _SYNC.get()
+
+
+class Settings(Protocol):
+    """The fields every jaxbn layer has, linen or NNX (read here, never written)."""
+
+    @property
+    def num_features(self) -> int | None: ...
+    @property
+    def momentum(self) -> float | None: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def dtype(self) -> DTypeLike | None: ...
+    @property
+    def axis_name(self) -> str | None: ...
+    @property
+    def axis_index_groups(self) -> Sequence[Sequence[int]] | None: ...
+
+
+def normalize(
+    settings: Settings,
+    x: jax.Array,
+    axis: int,
+    stats: BatchStats | None,
+    scale: Any,
+    bias: Any,
+    *,
+    training: bool,
+    mask: ArrayLike | None,
+) -> tuple[jax.Array, BatchStats | None]:
+    """One call of a layer: :func:`jaxbn.batch_norm` with the layer's settings."""
+    sync = resolve_sync(settings.axis_name, settings.axis_index_groups)
+    return batch_norm(
+        x,
+        stats,
+        scale,
+        bias,
+        training=training,
+        momentum=settings.momentum,
+        eps=settings.eps,
+        axis=axis,
+        axis_name=sync.axis_name,
+        axis_index_groups=sync.axis_index_groups,
+        mask=mask,
+    )
+
+
+def finish(settings: Settings, layer: str, x: jax.Array, axis: int, y: jax.Array) -> jax.Array:
+    """The layer's output: ``num_features`` checked, cast to ``dtype`` if set."""
+    check_num_features(layer, settings.num_features, x, axis)
+    return y if settings.dtype is None else y.astype(settings.dtype)

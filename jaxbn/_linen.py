@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from ._functional import BatchStats, batch_norm
-from ._layers import channel_axis, check_num_features, resolve_sync
+from ._layers import channel_axis, finish, normalize
 
 Initializer = Any
 
@@ -112,25 +112,13 @@ class _BatchNormBase(nn.Module):
                     "returned statistics, or pass use_running_average=True for "
                     "eval."
                 )
-            sync = resolve_sync(self.axis_name, self.axis_index_groups)
-            y, new_stats = batch_norm(
-                x,
-                stats,
-                scale,
-                bias,
-                training=training,
-                momentum=self.momentum,
-                eps=self.eps,
-                axis=axis,
-                axis_name=sync.axis_name,
-                axis_index_groups=sync.axis_index_groups,
-                mask=mask,
+            y, new_stats = normalize(
+                self, x, axis, stats, scale, bias, training=training, mask=mask
             )
             if training and new_stats is not None:
                 for name, value in new_stats._asdict().items():
                     variables[name].value = value
-        check_num_features(type(self).__name__, self.num_features, x, axis)
-        return y if self.dtype is None else y.astype(self.dtype)
+        return finish(self, self.layer, x, axis, y)
 
     def _training(self, use_running_average: bool | None) -> bool:
         given = (self.use_running_average, use_running_average)

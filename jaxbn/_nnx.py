@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import BatchStats, batch_norm
-from ._layers import channel_axis, check_num_features, resolve_sync
+from ._functional import BatchStats
+from ._layers import channel_axis, finish, normalize
 
 Initializer = Any
 _STATS = ("mean", "var", "num_batches_tracked")
@@ -26,6 +26,12 @@ class _BatchNormBase(nnx.Module):
     """Construction and ``__call__`` shared by every jaxbn NNX BatchNorm."""
 
     layer: ClassVar[str]
+    num_features: int
+    momentum: float | None
+    eps: float
+    dtype: DTypeLike | None
+    axis_name: str | None
+    axis_index_groups: Sequence[Sequence[int]] | None
 
     def __init__(
         self,
@@ -93,26 +99,12 @@ class _BatchNormBase(nnx.Module):
             stats = BatchStats(*(getattr(self, name)[...] for name in _STATS))
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        sync = resolve_sync(self.axis_name, self.axis_index_groups)
         training = not use_running_average
-        y, new_stats = batch_norm(
-            x,
-            stats,
-            scale,
-            bias,
-            training=training,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=axis,
-            axis_name=sync.axis_name,
-            axis_index_groups=sync.axis_index_groups,
-            mask=mask,
-        )
+        y, new_stats = normalize(self, x, axis, stats, scale, bias, training=training, mask=mask)
         if training and new_stats is not None:
             for name, value in new_stats._asdict().items():
                 getattr(self, name)[...] = value
-        check_num_features(self.layer, self.num_features, x, axis)
-        return y if self.dtype is None else y.astype(self.dtype)
+        return finish(self, self.layer, x, axis, y)
 
 
 class BatchNorm(_BatchNormBase):

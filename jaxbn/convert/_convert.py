@@ -612,35 +612,27 @@ def _against_template(
         flax = "/".join(key)
         return f"{flax} (torch {torch_keys[key]})" if key in torch_keys else flax
 
-    missing = [name(k) for k in template if k not in result]
-    unexpected = [name(k) for k in result if k not in template]
+    return _accounting(result, template, name)
+
+
+def _against_torch_template(
+    state: Mapping[str, Any], template: Mapping[str, Any]
+) -> dict[str, tuple[str, ...]]:
+    return _accounting(state, template, str) if template else {}
+
+
+def _accounting(
+    result: Mapping[Any, Any], template: Mapping[Any, Any], name: Callable[[Any], str]
+) -> dict[str, tuple[str, ...]]:
+    """Missing, unexpected and shape- or dtype-mismatched keys, each named."""
     mismatched = [
         f"{name(k)}: converted {_describe(result[k])}, template {_describe(template[k])}"
         for k in result
         if k in template and _describe(result[k]) != _describe(template[k])
     ]
     return {
-        "missing": tuple(missing),
-        "unexpected": tuple(unexpected),
-        "mismatched": tuple(mismatched),
-    }
-
-
-def _against_torch_template(
-    state: Mapping[str, Any], template: Mapping[str, Any]
-) -> dict[str, tuple[str, ...]]:
-    if not template:
-        return {}
-    missing = [k for k in template if k not in state]
-    unexpected = [k for k in state if k not in template]
-    mismatched = [
-        f"{k}: converted {_describe(state[k])}, template {_describe(template[k])}"
-        for k in state
-        if k in template and _describe(state[k]) != _describe(template[k])
-    ]
-    return {
-        "missing": tuple(missing),
-        "unexpected": tuple(unexpected),
+        "missing": tuple(name(k) for k in template if k not in result),
+        "unexpected": tuple(name(k) for k in result if k not in template),
         "mismatched": tuple(mismatched),
     }
 
