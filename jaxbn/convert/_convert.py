@@ -7,15 +7,13 @@ torch key ends up converted or listed in the report; nothing is dropped.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from .._functional import count_dtype
 from ._arrays import to_numpy, to_tensor
 from ._layouts import (
     LAYERS,
@@ -282,7 +280,7 @@ def _plan(
                 unconverted.append(f"{key}: a {kind} layer has no tensor named {name!r}")
                 continue
             param = table[name]
-            dtype = str(np.dtype(_count_dtype())) if param.layout == "count" else dtypes[name]
+            dtype = str(np.dtype(count_dtype())) if param.layout == "count" else dtypes[name]
             flax_shape = shape if param.layout == "count" else _permuted(shape, param.layout)
             entries.append(
                 Entry(
@@ -310,10 +308,6 @@ def _permuted(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _count_dtype() -> Any:
-    return jax.dtypes.canonicalize_dtype(jnp.int64)
 
 
 def _unwrap(obj: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -435,7 +429,7 @@ def _infer_from_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
 
 
 def _count(value: int, key: str, counts: str) -> np.ndarray:
-    dtype = _count_dtype()
+    dtype = count_dtype()
     top = int(np.iinfo(dtype).max)
     if value > top:
         if counts != "saturate":
@@ -669,8 +663,3 @@ def _get(tree: Mapping[str, Any], key: FlaxKey) -> Any:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def parameter_count(variables: Mapping[str, Any]) -> int:
-    """Number of scalars in a variable tree."""
-    return sum(math.prod(np.shape(v)) for v in flatten_tree(variables).values())
