@@ -222,7 +222,11 @@ def format_summary(report: Any) -> str:
                 f"{name} {list(entry.torch_shape)}",
                 "->",
                 f"{entry.flax_name} {list(entry.flax_shape)} {entry.dtype}",
-                "" if entry.layout == "same" else entry.layout,
+                entry.rule
+                if entry.rule != "keep"
+                else ""
+                if entry.layout == "same"
+                else entry.layout,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -27,8 +27,8 @@ import ml_dtypes
 import numpy as np
 
 import jaxbn
+from jaxbn._torch import import_torch, to_numpy, to_tensor
 from jaxbn.convert import default_torch_path, from_torch
-from jaxbn.convert._arrays import import_torch, to_numpy, to_tensor
 from jaxbn.convert._convert import flatten_tree
 from jaxbn.convert._layouts import LAYERS, TORCH_MODULES
 
