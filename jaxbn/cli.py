@@ -64,8 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = commands.add_parser(
         "inspect",
         help="list a checkpoint's layers and inferred kinds without converting",
+        description=(
+            "List what jaxbn convert would do with CKPT: every tensor's layer kind, "
+            "Flax path, shapes and layout, and every key it could not convert. CKPT "
+            "may also be a model factory, MODULE:FUNCTION (e.g. "
+            "torchvision.models:mnasnet1_0), called with no arguments: the live "
+            "module also shows the settings its state dict does not carry (eps, "
+            "momentum, stride, ...) and the Linears that depend on the flatten order."
+        ),
     )
-    inspect.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT")
+    inspect.add_argument("checkpoint", metavar="CKPT")
     add_mapping_arguments(inspect)
     inspect.set_defaults(run=run_inspect)
 
@@ -171,6 +179,29 @@ def load_or_exit(path: pathlib.Path) -> Any:
         raise SystemExit(f"jaxbn: {error}") from None
 
 
+def is_factory(spec: str) -> bool:
+    """``package.module:function`` rather than a file name."""
+    module, sep, function = spec.partition(":")
+    return (
+        bool(sep) and module.replace(".", "").replace("_", "").isalnum() and function.isidentifier()
+    )
+
+
+def build_model(spec: str) -> Any:
+    """The torch module that ``MODULE:FUNCTION`` builds, or a one-line exit."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(f"jaxbn: cannot build {spec}: {error}") from None
+    model = factory()
+    if not hasattr(model, "state_dict"):
+        raise SystemExit(f"jaxbn: {spec}() returned a {type(model).__name__}, not a torch module")
+    return model
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import CheckpointError, from_torch, load_variables, save_variables
 
@@ -201,7 +232,12 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from .convert import inspect
 
-    report = inspect(load_or_exit(args.checkpoint), kinds=parse_kinds(args.kind))
+    source = (
+        build_model(args.checkpoint)
+        if is_factory(args.checkpoint)
+        else load_or_exit(pathlib.Path(args.checkpoint))
+    )
+    report = inspect(source, kinds=parse_kinds(args.kind))
     print(format_summary(report))
     return 0
 
@@ -238,6 +274,22 @@ def format_summary(report: Any) -> str:
         f"\n{len(report.entries)} tensors in {len({e.torch_key.rpartition('.')[0] for e in report.entries})} layers"
     )
     lines.extend(f"note: {note}" for note in report.notes)
+    if report.settings:
+        lines.append(
+            "\nsettings the state dict does not carry, where they differ from PyTorch's "
+            "defaults (build the Flax layers with them):"
+        )
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for setting in report.settings:
+            default = str(setting).rpartition(" (")[2].removesuffix(")")
+            key = (setting.name, repr(setting.value), default)
+            groups.setdefault(key, []).append(setting.layer or "<root>")
+        for (name, value, default), layers in groups.items():
+            shown = ", ".join(layers[:4]) + (
+                f", ... ({len(layers)} layers)" if len(layers) > 4 else ""
+            )
+            lines.append(f"  {name}={value} ({default}): {shown}")
+    lines.extend(f"layout: {note}" for note in report.layout_notes)
     if report.problems:
         lines.append("\n" + report.describe_problems())
     return "\n".join(lines)

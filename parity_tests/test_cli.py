@@ -47,7 +47,7 @@ def test_parity_command_fails_loudly_on_a_mismatch(monkeypatch, capsys, tmp_path
         ref.momentum = 0.99
         return ref, ans, variables
 
-    monkeypatch.setattr(parity, "make_pair", flax_momentum_on_torch_side)
+    monkeypatch.setattr(parity._cases, "make_pair", flax_momentum_on_torch_side)
     code = cli.main(
         ["parity", "-k", "2d/affine/momentum=0.1/float32/jit", "--json", str(tmp_path / "r.json")]
     )

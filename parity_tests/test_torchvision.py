@@ -51,7 +51,8 @@ def build(name: str, seed: int = 0, **options: Any) -> torch.nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                assert module.running_mean is not None and module.running_var is not None
+                assert module.running_mean is not None
+                assert module.running_var is not None
                 assert module.num_batches_tracked is not None
                 module.running_mean.normal_(generator=generator)
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
@@ -201,3 +202,14 @@ def test_a_flatten_before_a_linear_is_flagged():
     template = jaxbn.from_torch(vgg)  # stands for a hand-written Flax VGG's variables
     with pytest.warns(jaxbn.convert.LayoutWarning, match="classifier.0: in_features 25088"):
         jaxbn.from_torch(vgg, template)
+
+
+def test_inspect_command_shows_what_a_live_model_adds(capsys):
+    from jaxbn.cli import main
+
+    assert main(["inspect", "torchvision.models:mnasnet0_5"]) == 0
+    out = capsys.readouterr().out
+    assert "settings the state dict does not carry" in out
+    assert "momentum=0.00029999999999996696 (PyTorch's default 0.1): layers.1, layers.4" in out
+    assert main(["inspect", "torchvision.models:vgg11_bn"]) == 0
+    assert "layout: classifier.0: in_features 25088 = 512 x 7 x 7" in capsys.readouterr().out
