@@ -267,8 +267,9 @@ def main(
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     plot: str | None = "port_resnet.png",
-    # Seed 0's trajectory has a ReLU input 2e-9 from zero at step 3, so float32
-    # rounding picks between two trajectories 1e-2 apart by step 19; 2 has none.
+    # Seed 0's trajectory has a ReLU input 2e-9 from zero at step 3: float32
+    # rounding picks between two trajectories 1e-2 apart by step 19. Seed 2's
+    # first such split is at step 11.
     seed: int = 2,
     verbose: bool = True,
 ) -> dict[str, Any]:

@@ -74,22 +74,24 @@ def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path
 
 
 # How much further from float64 JAX's float32 training may be than torch's own
-# float32 training (measured: see the test's docstring), and the smallest
-# distance to scale it from (a few float32 roundings of the loss).
+# float32 training, and the smallest distance to scale that from (a few float32
+# roundings). Measured at the setting below: losses 1.7e-7 (jax) vs 6.8e-8
+# (torch), final weights 1.5e-6 vs 1.5e-6, running statistics 4.8e-8 vs 4.8e-8.
 FLOAT32_FACTOR = 10.0
-FLOAT32_FLOOR = 1e-6
+FLOAT32_FLOOR = 2e-7
 
 
 def test_continued_training_tracks_torch_step_by_step(tmp_path):
-    """The example's setting with 20 SGD steps, judged against a float64 torch run.
+    """The example's setting with 10 SGD steps, judged against a float64 torch run.
 
-    Both float32 runs are float64 plus rounding noise that the training
-    amplifies, so JAX's distance from float64 (per-step loss, final weights,
-    running statistics) must be within a small factor of torch's own. A fixed
-    bar on JAX-vs-torch float32 cannot work: at seed 0 one ReLU input sits
-    2e-9 from zero at step 3, and which side float32 rounding puts it on (it
-    differs between torch versions and thread counts) moves the loss by 1e-2
-    by step 19, in PyTorch alone.
+    Both float32 runs are float64 plus rounding noise that training amplifies,
+    so JAX's distance from float64 (worst per-step loss, final weights, running
+    statistics) must be within a small factor of torch's own. A fixed bar on
+    JAX-vs-torch float32 is a coin toss: at seed 0 one ReLU input sits 2e-9
+    from zero at step 3, float32 rounding (torch version, thread count) decides
+    its side, and the two sides are 1e-2 apart in the loss by step 19, in
+    PyTorch alone. At seed 2, five float32 runs perturbed by 1e-7 stay within
+    1e-7 of each other for 10 steps (one splits off at step 11).
     """
     port, _ = examples()
     result = port.main(
@@ -97,7 +99,7 @@ def test_continued_training_tracks_torch_step_by_step(tmp_path):
         image=32,
         batch=64,
         width=64,
-        steps=20,
+        steps=10,
         lr=0.02,
         seed=2,
         plot=str(tmp_path / "p.png"),
@@ -106,7 +108,7 @@ def test_continued_training_tracks_torch_step_by_step(tmp_path):
     assert result["eval_max_abs_diff"] <= 1e-4
     assert result["top1_agreement"] == 1.0
     assert result["layers"].ok, result["layers"].table()
-    assert len(result["losses_torch"]) == len(result["losses_torch64"]) == 20
+    assert len(result["losses_torch"]) == len(result["losses_torch64"]) == 10
     assert result["losses_torch"][-1] < result["losses_torch"][0]  # it does learn
     for quantity, distances in result["vs_float64"].items():
         bar = FLOAT32_FACTOR * max(distances["torch"], FLOAT32_FLOOR)
