@@ -13,11 +13,16 @@
 4. Continues training both models for ``--steps`` steps with the same SGD with
    momentum and the same batches, reports the per-step loss differences and
    the final weight and running-statistic differences, and plots both.
+5. Trains a float64 copy of the torch model on the same batches as the
+   reference: float32 noise grows with depth and steps, so how far JAX's
+   float32 run is from float64 is judged against how far torch's own float32
+   run is from it, never against a fixed bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import pathlib
 import sys
@@ -192,7 +197,8 @@ def torch_train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: np.ndarray, labels: np.ndarray
 ) -> float:
     model.train()
-    loss = nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
+    x = torch.from_numpy(images).to(next(model.parameters()).dtype)  # float64 for the reference
+    loss = nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -261,7 +267,10 @@ def main(
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     plot: str | None = "port_resnet.png",
-    seed: int = 0,
+    # Seed 0's trajectory has a ReLU input 2e-9 from zero at step 3: float32
+    # rounding picks between two trajectories 1e-2 apart by step 19. Seed 2's
+    # first such split is at step 11.
+    seed: int = 2,
     verbose: bool = True,
 ) -> dict[str, Any]:
     say = print if verbose else (lambda *a, **k: None)
@@ -306,11 +315,15 @@ def main(
     opt_state = optimizer.init(variables["params"])
     flax_step = make_flax_train_step(flax_model, optimizer)
     torch_opt = torch_optimizer(torch_model, lr, momentum, weight_decay)
-    losses_ref, losses_ans = [], []
+    # 5. The float64 reference starts from the same (float32) weights.
+    torch_model64 = copy.deepcopy(torch_model).double()
+    torch_opt64 = torch_optimizer(torch_model64, lr, momentum, weight_decay)
+    losses_ref, losses_ans, losses_64 = [], [], []
     for images, labels in batches(steps, batch, image, classes, seed + 2):
         losses_ref.append(torch_train_step(torch_model, torch_opt, images, labels))
         variables, opt_state, loss = flax_step(variables, opt_state, images, labels)
         losses_ans.append(float(loss))
+        losses_64.append(torch_train_step(torch_model64, torch_opt64, images, labels))
     relative = [abs(a - r) / abs(r) for a, r in zip(losses_ans, losses_ref, strict=True)]
     say("step  loss (torch)  loss (jax)  relative difference")
     for i, (r, a, d) in enumerate(zip(losses_ref, losses_ans, relative, strict=True), 1):
@@ -318,11 +331,38 @@ def main(
     final = jaxbn.from_torch(torch_model, template)
     weights = tree_max_diff(variables["params"], final["params"])
     stats = tree_max_diff(variables["batch_stats"], final["batch_stats"])
+    # float64 -> float32 rounds by 6e-8 relative, far below the float32 runs' distances.
+    final64 = jaxbn.from_torch(
+        {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in torch_model64.state_dict().items()
+        },
+        template,
+    )
+    vs64 = {
+        "loss": {
+            name: max(abs(a - r) / abs(r) for a, r in zip(losses, losses_64, strict=True))
+            for name, losses in (("torch", losses_ref), ("jax", losses_ans))
+        },
+        **{
+            quantity: {
+                name: tree_max_diff(tree[quantity], final64[quantity])[1]
+                for name, tree in (("torch", final), ("jax", variables))
+            }
+            for quantity in ("params", "batch_stats")
+        },
+    }
     say(
         f"{steps} training steps: loss {losses_ref[0]:.4f} -> {losses_ref[-1]:.4f} (torch), worst relative loss difference {max(relative):.1e}"
     )
     say(
         f"final weights: max |diff| {weights[0]:.1e} (relative {weights[1]:.1e}); running statistics: {stats[0]:.1e} (relative {stats[1]:.1e})"
+    )
+    say(
+        f"float64 reference: worst relative loss difference {vs64['loss']['torch']:.1e} (torch float32), {vs64['loss']['jax']:.1e} (jax float32)"
+    )
+    say(
+        f"final relative difference from float64: weights {vs64['params']['torch']:.1e} (torch), {vs64['params']['jax']:.1e} (jax); running statistics {vs64['batch_stats']['torch']:.1e} (torch), {vs64['batch_stats']['jax']:.1e} (jax)"
     )
     if plot:
         save_plot(plot, losses_ref, losses_ans, relative)
@@ -337,6 +377,9 @@ def main(
         "max_relative_loss_diff": max(relative),
         "final_weight_diff": weights,
         "final_stats_diff": stats,
+        "losses_torch64": losses_64,
+        # {"loss" | "params" | "batch_stats": {"torch" | "jax": worst relative difference}}
+        "vs_float64": vs64,
     }
 
 
@@ -373,7 +416,14 @@ if __name__ == "__main__":
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--plot", default="port_resnet.png")
+    parser.add_argument("--seed", type=int, default=2)
     args = parser.parse_args()
     main(
-        args.arch, image=args.image, batch=args.batch, steps=args.steps, lr=args.lr, plot=args.plot
+        args.arch,
+        image=args.image,
+        batch=args.batch,
+        steps=args.steps,
+        lr=args.lr,
+        plot=args.plot,
+        seed=args.seed,
     )

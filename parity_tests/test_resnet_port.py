@@ -73,12 +73,25 @@ def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path
     np.testing.assert_array_equal(logits_ans.argmax(-1), logits_ref.argmax(-1))
 
 
-def test_continued_training_tracks_torch_step_by_step(tmp_path):
-    """The example's setting with 20 SGD steps: losses within 1e-3 relative at every step.
+# How much further from float64 JAX's float32 training may be than torch's own
+# float32 training, and the smallest distance to scale that from (a few float32
+# roundings). Measured at the setting below: losses 1.7e-7 (jax) vs 6.8e-8
+# (torch), final weights 1.5e-6 vs 1.5e-6, running statistics 4.8e-8 vs 4.8e-8.
+FLOAT32_FACTOR = 10.0
+FLOAT32_FLOOR = 2e-7
 
-    (Narrower models, smaller batches or larger steps make these first steps
-    chaotic: a 1e-7 perturbation of the weights then reaches 1e-2 in the loss
-    within a few steps, in PyTorch alone. This setting keeps it below 1e-6.)
+
+def test_continued_training_tracks_torch_step_by_step(tmp_path):
+    """The example's setting with 10 SGD steps, judged against a float64 torch run.
+
+    Both float32 runs are float64 plus rounding noise that training amplifies,
+    so JAX's distance from float64 (worst per-step loss, final weights, running
+    statistics) must be within a small factor of torch's own. A fixed bar on
+    JAX-vs-torch float32 is a coin toss: at seed 0 one ReLU input sits 2e-9
+    from zero at step 3, float32 rounding (torch version, thread count) decides
+    its side, and the two sides are 1e-2 apart in the loss by step 19, in
+    PyTorch alone. At seed 2, five float32 runs perturbed by 1e-7 stay within
+    1e-7 of each other for 10 steps (one splits off at step 11).
     """
     port, _ = examples()
     result = port.main(
@@ -86,19 +99,20 @@ def test_continued_training_tracks_torch_step_by_step(tmp_path):
         image=32,
         batch=64,
         width=64,
-        steps=20,
+        steps=10,
         lr=0.02,
+        seed=2,
         plot=str(tmp_path / "p.png"),
         verbose=False,
     )
     assert result["eval_max_abs_diff"] <= 1e-4
     assert result["top1_agreement"] == 1.0
     assert result["layers"].ok, result["layers"].table()
-    assert len(result["losses_torch"]) == 20
-    assert result["max_relative_loss_diff"] <= 1e-3
+    assert len(result["losses_torch"]) == len(result["losses_torch64"]) == 10
     assert result["losses_torch"][-1] < result["losses_torch"][0]  # it does learn
-    assert result["final_weight_diff"][0] <= 1e-3
-    assert result["final_stats_diff"][1] <= 1e-3
+    for quantity, distances in result["vs_float64"].items():
+        bar = FLOAT32_FACTOR * max(distances["torch"], FLOAT32_FLOOR)
+        assert distances["jax"] <= bar, (quantity, distances)
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
 
 
