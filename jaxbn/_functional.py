@@ -265,7 +265,7 @@ def _reduce(view: jax.Array) -> tuple[int, ...]:
     return (0,) if view.ndim == 2 else (0, 2)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize_train(
     config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
 ) -> tuple[jax.Array, ...]:
@@ -273,10 +273,15 @@ def _normalize_train(
 
     One sweep over ``x`` gives both statistics, taken around a reference
     value from each channel's data, so a mean of 1e4 standard deviations
-    costs no precision. The backward pass is PyTorch's closed form and saves
-    only per-channel values besides ``x`` (and the mask) itself. The
-    statistics outputs are not differentiable (like PyTorch's running
-    buffers; the caller stops their gradient).
+    costs no precision.
+
+    Differentiation: a custom JVP whose tangent rule is linear in the
+    tangents and written so that JAX's transpose of it *is* PyTorch's
+    closed-form backward (two per-channel sums of the cotangent, then one
+    pass for dx). Forward mode (``jvp``, ``jacfwd``, ``hessian``) uses the
+    rule as it is; reverse mode transposes it, and saves only per-channel
+    values besides ``x`` (and the mask) itself, since the rule recomputes
+    the normalised input from ``x`` under ``jax.checkpoint``.
     """
     return _normalize_train_fwd(config, x, gamma, beta, mask)[0]
 
@@ -290,7 +295,8 @@ def _masked(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
 
 def _normalize_train_fwd(
     config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
-) -> tuple[tuple[jax.Array, ...], tuple[Any, ...]]:
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The outputs, and the per-channel values the tangent rule needs."""
     valid = _masked(mask)
     xc = x.astype(gamma.dtype)
     n = _count(config, mask, gamma)
@@ -307,36 +313,68 @@ def _normalize_train_fwd(
         _broadcast(v, x) for v in _per_channel_first(shift, gamma * inv_std, beta)
     )
     y = valid(((xc - ref_out) - shift_b) * scale_b + beta_b).astype(x.dtype)
-    return (y, reference + shift, var, n), (x, mask, reference, shift, inv_std, gamma, n)
+    return (y, reference + shift, var, n), (reference, shift, inv_std, n)
 
 
-def _normalize_train_bwd(
-    config: _TrainConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, ...]
-) -> tuple[Any, ...]:
-    x, mask, reference, shift, inv_std, gamma, n = residuals
+@_normalize_train.defjvp
+def _normalize_train_jvp(
+    config: _TrainConfig, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    x, gamma, _, mask = primals
+    dx, dgamma, dbeta, _ = tangents
+    outputs, (reference, shift, inv_std, n) = _normalize_train_fwd(config, *primals)
+    # Under checkpoint, reverse mode keeps the rule's inputs (x and (C,)
+    # vectors) and recomputes x_hat in the backward pass instead of saving it.
+    tangent = jax.checkpoint(partial(_normalize_train_tangent, config), prevent_cse=False)
+    dy, dmean, dvar = tangent(x, mask, reference, shift, inv_std, gamma, n, dx, dgamma, dbeta)
+    return outputs, (dy, dmean, dvar, jnp.zeros_like(n))
+
+
+def _normalize_train_tangent(
+    config: _TrainConfig,
+    x: jax.Array,
+    mask: jax.Array | None,
+    reference: jax.Array,
+    shift: jax.Array,
+    inv_std: jax.Array,
+    gamma: jax.Array,
+    n: jax.Array,
+    dx: jax.Array,
+    dgamma: jax.Array,
+    dbeta: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tangents of ``(y, mean, var)``: linear in ``(dx, dgamma, dbeta)``.
+
+    ``dy = a * dx + (dbeta - a * mean(dx)) + x_hat * (dgamma - a * mean(dx * x_hat))``
+    with ``a = gamma * inv_std``, means over each channel's valid values on
+    all devices. Each full-size term meets the per-channel ones through one
+    broadcast, so the transpose (the backward pass) reduces the cotangent
+    exactly twice, ``sum(dy)`` (= dbeta) and ``sum(dy * x_hat)`` (= dgamma),
+    and forms ``dx`` in one more pass: PyTorch's closed form.
+    """
     valid = _masked(mask)
-    dy = valid(cotangents[0].astype(gamma.dtype))
     xc = x.astype(gamma.dtype)
-
-    def x_hat(per_channel: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        reference, shift, inv_std = (_broadcast(v, x) for v in per_channel)
-        return ((xc - reference) - shift) * inv_std
-
+    dxc = valid(dx.astype(gamma.dtype))
+    per_channel = (reference, shift, inv_std)
     # Two copies, as in the forward pass, so x_hat is never written out.
-    first, second = _per_channel_first((reference, shift, inv_std), (reference, shift, inv_std))
-    sum_dy = jnp.sum(dy, _reduce(x))
-    sum_dy_xhat = jnp.sum(valid(dy * x_hat(first)), _reduce(x))
-    mean_dy = config.psum(sum_dy) / jnp.maximum(n, 1)
-    mean_dy_xhat = config.psum(sum_dy_xhat) / jnp.maximum(n, 1)
-    scale_b, mean_dy_b, mean_dy_xhat_b = (
-        _broadcast(v, x) for v in _per_channel_first(gamma * inv_std, mean_dy, mean_dy_xhat)
+    first, second = _per_channel_first(per_channel, per_channel)
+
+    def x_hat(values: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        reference, shift, inv_std = (_broadcast(v, x) for v in values)
+        return valid(((xc - reference) - shift) * inv_std)
+
+    sums = (jnp.sum(dxc, _reduce(x)), jnp.sum(dxc * x_hat(first), _reduce(x)))
+    # (Transposed, this barrier sits on the finished per-channel terms of dx.)
+    sum_dx, sum_dx_xhat = _per_channel_first(*sums)
+    mean_dx = config.psum(sum_dx) / jnp.maximum(n, 1)
+    mean_dx_xhat = config.psum(sum_dx_xhat) / jnp.maximum(n, 1)
+    a = gamma * inv_std
+    a_b, offset_b, slope_b = (
+        _broadcast(v, x) for v in (a, dbeta - a * mean_dx, dgamma - a * mean_dx_xhat)
     )
-    dx = valid(scale_b * (dy - mean_dy_b - x_hat(second) * mean_dy_xhat_b))
-    dgamma, dbeta = sum_dy_xhat.astype(gamma.dtype), sum_dy.astype(gamma.dtype)
-    return dx.astype(x.dtype), dgamma, dbeta, None
-
-
-_normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+    dy = valid(a_b * dxc + offset_b + x_hat(second) * slope_b).astype(x.dtype)
+    # The statistics' own tangents (the caller stops them, as PyTorch's buffers are).
+    return dy, mean_dx, 2 * mean_dx_xhat / inv_std
 
 
 def _varying_like(x: jax.Array, *values: jax.Array) -> tuple[jax.Array, ...]:
