@@ -218,7 +218,9 @@ def batch_norm(
     # several (2.7 ms -> 1.5 ms for a shifted sum over 256x512x7x7).
     # (A trailing dimension of size 1 is dropped: channels-last is (before, C).)
     after = math.prod(x.shape[axis + 1 :])
-    view = x.reshape(math.prod(x.shape[:axis]), channels, *((after,) if after > 1 else ()))
+    # (A symbolic size, under jax.export, always gets the three-axis view.)
+    flat = isinstance(after, int) and after == 1
+    view = x.reshape(math.prod(x.shape[:axis]), channels, *(() if flat else (after,)))
     if not use_batch_stats:
         assert stats is not None
         # PyTorch's eval kernel folds everything into one multiply-add.
@@ -231,7 +233,12 @@ def batch_norm(
         return y.astype(x.dtype).reshape(x.shape), stats
 
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    config = _TrainConfig(float(eps), float(count), axis_name, groups)
+    # Under jax.export the count may be symbolic: it then enters the program
+    # as a value, and a batch that turns out to hold one value per channel
+    # (PyTorch's error, which only a known size can raise) keeps the running
+    # statistics, as a mask does.
+    static = isinstance(count, int)
+    config = _TrainConfig(float(eps), float(count) if static else count, axis_name, groups)
     view_mask = None if valid is None else valid.reshape(view.shape)
     gamma, beta = _varying_like(view, gamma, beta)
     outputs = _normalize_train(config, view, gamma, beta, view_mask)
@@ -241,14 +248,14 @@ def batch_norm(
         return y, None
     unbiased = var * (n / jnp.maximum(n - 1, 1))
     batch = (lax.stop_gradient(mean), lax.stop_gradient(unbiased))
-    return y, _update(stats, batch, momentum, None if valid is None else n > 1)
+    return y, _update(stats, batch, momentum, None if valid is None and static else n > 1)
 
 
 class _TrainConfig(NamedTuple):
     """The static part of a training step (hashable, for custom_vjp)."""
 
     eps: float
-    n: float  # values per channel over all devices
+    n: Any  # values per channel over all devices: a float, or symbolic under jax.export
     axis_name: str | None
     groups: tuple[tuple[int, ...], ...] | None
 
