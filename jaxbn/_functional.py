@@ -177,6 +177,11 @@ def batch_norm(
     scale = None if scale is None else jnp.asarray(scale)
     bias = None if bias is None else jnp.asarray(bias)
     # The checks run in PyTorch's order, so the first error raised is the same.
+    shape = x.shape
+    if shape == (0,) and axis == 1:
+        # F.batch_norm takes an empty 1-D input (one of PyTorch's own sample
+        # inputs) and returns it: a batch of no samples with no channel axis.
+        x = x.reshape(0, 0)
     axis = check_axis(x, axis)
     if stats is not None:
         _check_counter(stats.num_batches_tracked)
@@ -194,6 +199,7 @@ def batch_norm(
         # PyTorch returns before its channel and dtype checks; a training
         # step on an empty batch still counts, and changes nothing else.
         y = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+        y = y.reshape(shape)
         if training and stats is not None:
             return y, _update(stats, None, momentum)
         return y, stats
