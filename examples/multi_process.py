@@ -171,10 +171,8 @@ def worker(process_id: int, num_processes: int, coordinator: str, verbose: bool)
             return images.astype(np.float32), labels.astype(np.int32)
 
         def local_rows(shape: tuple[int, ...]) -> slice:
-            starts = sorted(
-                index[0].start or 0
-                for index in split.addressable_devices_indices_map(shape).values()
-            )
+            indices = split.addressable_devices_indices_map(shape).values()
+            starts = sorted(index[0].start or 0 for index in indices if index is not None)
             return slice(starts[0], starts[-1] + shape[0] // devices)
 
         def feed(array: np.ndarray) -> jax.Array:
@@ -215,7 +213,7 @@ def worker(process_id: int, num_processes: int, coordinator: str, verbose: bool)
             params = jax.tree.map(lambda p, g: p - LR * g, params, grads)
             return {"params": params, "batch_stats": updates["batch_stats"]}, logits, grads
 
-        def eval_step(model: CNN, state: Any, images: jax.Array) -> jax.Array:
+        def eval_step(model: CNN, state: Any, images: jax.Array) -> Any:
             return model.apply(state, images, train=False)
 
         # Under shard_map each device sees its own rows; the layers name the
@@ -263,6 +261,7 @@ def worker(process_id: int, num_processes: int, coordinator: str, verbose: bool)
             state = jaxbn.to_torch({"params": params, "batch_stats": stats})
             return {k: v.numpy() for k, v in state.items()}
 
+        grads_ref: dict[str, np.ndarray] = {}
         for step in range(STEPS + 1):
             training = step < STEPS
             images, labels = global_batch(step)

@@ -24,13 +24,13 @@ SIZES = [(2, 3, 4, 5), (5, 3, 1, 1), (7, 2, 3, 1), (1, 4, 2, 2)]  # (b, C, H, W)
 MOMENTUM = 0.3
 
 
-def specs(shape="b, C, H, W"):
+def specs(shape: str | tuple[int, ...] = "b, C, H, W"):
     """Abstract arguments of a step: x and g of ``shape``, (C,) vectors, statistics."""
     dims = export.symbolic_shape(shape) if isinstance(shape, str) else shape
     f32 = jnp.float32
     x = jax.ShapeDtypeStruct(tuple(dims), f32)
     vector = jax.ShapeDtypeStruct((dims[1],), f32)
-    stats = jaxbn.BatchStats(vector, vector, jax.ShapeDtypeStruct((), jnp.int32))
+    stats = jaxbn.BatchStats._make((vector, vector, jax.ShapeDtypeStruct((), jnp.int32)))
     return x, vector, vector, stats, x
 
 
@@ -58,22 +58,24 @@ def torch_step(d, *, training):
             ("running_var", d["var"]),
         ):
             getattr(layer, name).copy_(to_torch(value))
-        layer.num_batches_tracked.fill_(int(d["count"]))
+        dict(layer.named_buffers())["num_batches_tracked"].fill_(int(d["count"]))
     layer.train(training)
     x = to_torch(d["x"]).requires_grad_(True)
     y = layer(x)
     y.backward(to_torch(d["g"]))
-    assert x.grad is not None
-    assert layer.weight.grad is not None
-    assert layer.bias.grad is not None
+    dx, dscale, dbias = x.grad, layer.weight.grad, layer.bias.grad
+    named = dict(layer.named_buffers())
+    buffers = {"mean": named["running_mean"], "var": named["running_var"]}
+    buffers["count"] = named["num_batches_tracked"]
+    assert dx is not None
+    assert dscale is not None
+    assert dbias is not None
     return {
         "y": to_numpy(y),
-        "dx": to_numpy(x.grad),
-        "dscale": to_numpy(layer.weight.grad),
-        "dbias": to_numpy(layer.bias.grad),
-        "mean": to_numpy(layer.running_mean),
-        "var": to_numpy(layer.running_var),
-        "count": to_numpy(layer.num_batches_tracked),
+        "dx": to_numpy(dx),
+        "dscale": to_numpy(dscale),
+        "dbias": to_numpy(dbias),
+        **{k: to_numpy(v) for k, v in buffers.items()},
     }
 
 

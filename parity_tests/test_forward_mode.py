@@ -77,7 +77,7 @@ def torch_jvp(a, axis, *, training, affine=True):
     with warnings.catch_warnings():
         # Loading torch's forward-AD decompositions scripts them (a deprecation of torch's own).
         warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
-        y, dy = torch.func.jvp(f, primals, tangents)
+        y, dy = torch.func.jvp(f, primals, tangents)[:2]
     assert dy is not None
     return to_numpy(y), to_numpy(dy), to_numpy(mean), to_numpy(var)
 
