@@ -302,3 +302,37 @@ def test_reverse_mode_saves_only_x_at_full_size(layout):
         assert re.match(r"(from the argument x|output of reshape)", full[0][1]), residuals
         small = [r for r in residuals if np.prod(r[0]) != size]
         assert all(r[0] in ((c,), ()) for r in small), residuals
+
+
+def test_jvp_under_shard_map_equals_the_global_batch():
+    """Forward mode with cross-device statistics over a mesh (8 CPU devices)."""
+    devices = jax.device_count()
+    mesh = jax.make_mesh((devices,), ("batch",))
+    a = arrays((2 * devices, 3, 4), 1, seed=3)
+    x, dx = jnp.asarray(a["x"]), jnp.asarray(a["dx"])
+    scale, bias = jnp.asarray(a["scale"]), jnp.asarray(a["bias"])
+    dscale, dbias = jnp.asarray(a["dscale"]), jnp.asarray(a["dbias"])
+    spec = jax.sharding.PartitionSpec("batch")
+    replicated = jax.sharding.PartitionSpec()
+
+    def shard(x, dx, scale, bias, dscale, dbias):
+        f = train_fn(1, axis_name="batch")
+        return jax.jvp(f, (x, scale, bias), (dx, dscale, dbias))
+
+    y, dy = jax.jit(
+        jax.shard_map(
+            shard,
+            mesh=mesh,
+            in_specs=(spec, spec, *(replicated,) * 4),
+            out_specs=(spec, spec),
+        )
+    )(
+        *(jax.device_put(v, jax.sharding.NamedSharding(mesh, spec)) for v in (x, dx)),
+        *(
+            jax.device_put(v, jax.sharding.NamedSharding(mesh, replicated))
+            for v in (scale, bias, dscale, dbias)
+        ),
+    )
+    y_ref, dy_ref = jax.jvp(ref_fn(1), (x, scale, bias), (dx, dscale, dbias))
+    close(y, y_ref, "y")
+    close(dy, dy_ref, "dy")
