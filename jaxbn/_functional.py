@@ -125,6 +125,11 @@ def batch_norm(
     In eval (``training=False`` with ``stats``), the running statistics
     normalise and nothing is updated.
 
+    Differentiable in reverse mode (PyTorch's closed-form backward) and in
+    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``); the running
+    statistics are not differentiated, as PyTorch's buffers are not. Shapes
+    may be symbolic (``jax.export``).
+
     Args:
       x: input of any rank >= 1, floating point. Half-precision inputs
         (bfloat16, float16) are computed in float32 and returned in their
