@@ -125,6 +125,11 @@ def batch_norm(
     In eval (``training=False`` with ``stats``), the running statistics
     normalise and nothing is updated.
 
+    Differentiable in reverse mode (PyTorch's closed-form backward) and in
+    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``); the running
+    statistics are not differentiated, as PyTorch's buffers are not. Shapes
+    may be symbolic (``jax.export``).
+
     Args:
       x: input of any rank >= 1, floating point. Half-precision inputs
         (bfloat16, float16) are computed in float32 and returned in their
@@ -177,6 +182,11 @@ def batch_norm(
     scale = None if scale is None else jnp.asarray(scale)
     bias = None if bias is None else jnp.asarray(bias)
     # The checks run in PyTorch's order, so the first error raised is the same.
+    shape = x.shape
+    if shape == (0,) and axis == 1:
+        # F.batch_norm takes an empty 1-D input (one of PyTorch's own sample
+        # inputs) and returns it: a batch of no samples with no channel axis.
+        x = x.reshape(0, 0)
     axis = check_axis(x, axis)
     if stats is not None:
         _check_counter(stats.num_batches_tracked)
@@ -194,6 +204,7 @@ def batch_norm(
         # PyTorch returns before its channel and dtype checks; a training
         # step on an empty batch still counts, and changes nothing else.
         y = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+        y = y.reshape(shape)
         if training and stats is not None:
             return y, _update(stats, None, momentum)
         return y, stats
@@ -218,7 +229,9 @@ def batch_norm(
     # several (2.7 ms -> 1.5 ms for a shifted sum over 256x512x7x7).
     # (A trailing dimension of size 1 is dropped: channels-last is (before, C).)
     after = math.prod(x.shape[axis + 1 :])
-    view = x.reshape(math.prod(x.shape[:axis]), channels, *((after,) if after > 1 else ()))
+    # (A symbolic size, under jax.export, always gets the three-axis view.)
+    flat = isinstance(after, int) and after == 1
+    view = x.reshape(math.prod(x.shape[:axis]), channels, *(() if flat else (after,)))
     if not use_batch_stats:
         assert stats is not None
         # PyTorch's eval kernel folds everything into one multiply-add.
@@ -231,7 +244,12 @@ def batch_norm(
         return y.astype(x.dtype).reshape(x.shape), stats
 
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    config = _TrainConfig(float(eps), float(count), axis_name, groups)
+    # Under jax.export the count may be symbolic: it then enters the program
+    # as a value, and a batch that turns out to hold one value per channel
+    # (PyTorch's error, which only a known size can raise) keeps the running
+    # statistics, as a mask does.
+    static = isinstance(count, int)
+    config = _TrainConfig(float(eps), float(count) if static else count, axis_name, groups)
     view_mask = None if valid is None else valid.reshape(view.shape)
     gamma, beta = _varying_like(view, gamma, beta)
     outputs = _normalize_train(config, view, gamma, beta, view_mask)
@@ -241,14 +259,14 @@ def batch_norm(
         return y, None
     unbiased = var * (n / jnp.maximum(n - 1, 1))
     batch = (lax.stop_gradient(mean), lax.stop_gradient(unbiased))
-    return y, _update(stats, batch, momentum, None if valid is None else n > 1)
+    return y, _update(stats, batch, momentum, None if valid is None and static else n > 1)
 
 
 class _TrainConfig(NamedTuple):
     """The static part of a training step (hashable, for custom_vjp)."""
 
     eps: float
-    n: float  # values per channel over all devices
+    n: Any  # values per channel over all devices: a float, or symbolic under jax.export
     axis_name: str | None
     groups: tuple[tuple[int, ...], ...] | None
 
@@ -265,7 +283,7 @@ def _reduce(view: jax.Array) -> tuple[int, ...]:
     return (0,) if view.ndim == 2 else (0, 2)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize_train(
     config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
 ) -> tuple[jax.Array, ...]:
@@ -273,10 +291,15 @@ def _normalize_train(
 
     One sweep over ``x`` gives both statistics, taken around a reference
     value from each channel's data, so a mean of 1e4 standard deviations
-    costs no precision. The backward pass is PyTorch's closed form and saves
-    only per-channel values besides ``x`` (and the mask) itself. The
-    statistics outputs are not differentiable (like PyTorch's running
-    buffers; the caller stops their gradient).
+    costs no precision.
+
+    Differentiation: a custom JVP whose tangent rule is linear in the
+    tangents and written so that JAX's transpose of it *is* PyTorch's
+    closed-form backward (two per-channel sums of the cotangent, then one
+    pass for dx). Forward mode (``jvp``, ``jacfwd``, ``hessian``) uses the
+    rule as it is; reverse mode transposes it, and saves only per-channel
+    values besides ``x`` (and the mask) itself, since the rule recomputes
+    the normalised input from ``x`` under ``jax.checkpoint``.
     """
     return _normalize_train_fwd(config, x, gamma, beta, mask)[0]
 
@@ -290,7 +313,8 @@ def _masked(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
 
 def _normalize_train_fwd(
     config: _TrainConfig, x: jax.Array, gamma: jax.Array, beta: jax.Array, mask: jax.Array | None
-) -> tuple[tuple[jax.Array, ...], tuple[Any, ...]]:
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The outputs, and the per-channel values the tangent rule needs."""
     valid = _masked(mask)
     xc = x.astype(gamma.dtype)
     n = _count(config, mask, gamma)
@@ -307,36 +331,68 @@ def _normalize_train_fwd(
         _broadcast(v, x) for v in _per_channel_first(shift, gamma * inv_std, beta)
     )
     y = valid(((xc - ref_out) - shift_b) * scale_b + beta_b).astype(x.dtype)
-    return (y, reference + shift, var, n), (x, mask, reference, shift, inv_std, gamma, n)
+    return (y, reference + shift, var, n), (reference, shift, inv_std, n)
 
 
-def _normalize_train_bwd(
-    config: _TrainConfig, residuals: tuple[Any, ...], cotangents: tuple[jax.Array, ...]
-) -> tuple[Any, ...]:
-    x, mask, reference, shift, inv_std, gamma, n = residuals
+@_normalize_train.defjvp
+def _normalize_train_jvp(
+    config: _TrainConfig, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    x, gamma, _, mask = primals
+    dx, dgamma, dbeta, _ = tangents
+    outputs, (reference, shift, inv_std, n) = _normalize_train_fwd(config, *primals)
+    # Under checkpoint, reverse mode keeps the rule's inputs (x and (C,)
+    # vectors) and recomputes x_hat in the backward pass instead of saving it.
+    tangent = jax.checkpoint(partial(_normalize_train_tangent, config), prevent_cse=False)
+    dy, dmean, dvar = tangent(x, mask, reference, shift, inv_std, gamma, n, dx, dgamma, dbeta)
+    return outputs, (dy, dmean, dvar, jnp.zeros_like(n))
+
+
+def _normalize_train_tangent(
+    config: _TrainConfig,
+    x: jax.Array,
+    mask: jax.Array | None,
+    reference: jax.Array,
+    shift: jax.Array,
+    inv_std: jax.Array,
+    gamma: jax.Array,
+    n: jax.Array,
+    dx: jax.Array,
+    dgamma: jax.Array,
+    dbeta: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tangents of ``(y, mean, var)``: linear in ``(dx, dgamma, dbeta)``.
+
+    ``dy = a * dx + (dbeta - a * mean(dx)) + x_hat * (dgamma - a * mean(dx * x_hat))``
+    with ``a = gamma * inv_std``, means over each channel's valid values on
+    all devices. Each full-size term meets the per-channel ones through one
+    broadcast, so the transpose (the backward pass) reduces the cotangent
+    exactly twice, ``sum(dy)`` (= dbeta) and ``sum(dy * x_hat)`` (= dgamma),
+    and forms ``dx`` in one more pass: PyTorch's closed form.
+    """
     valid = _masked(mask)
-    dy = valid(cotangents[0].astype(gamma.dtype))
     xc = x.astype(gamma.dtype)
-
-    def x_hat(per_channel: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        reference, shift, inv_std = (_broadcast(v, x) for v in per_channel)
-        return ((xc - reference) - shift) * inv_std
-
+    dxc = valid(dx.astype(gamma.dtype))
+    per_channel = (reference, shift, inv_std)
     # Two copies, as in the forward pass, so x_hat is never written out.
-    first, second = _per_channel_first((reference, shift, inv_std), (reference, shift, inv_std))
-    sum_dy = jnp.sum(dy, _reduce(x))
-    sum_dy_xhat = jnp.sum(valid(dy * x_hat(first)), _reduce(x))
-    mean_dy = config.psum(sum_dy) / jnp.maximum(n, 1)
-    mean_dy_xhat = config.psum(sum_dy_xhat) / jnp.maximum(n, 1)
-    scale_b, mean_dy_b, mean_dy_xhat_b = (
-        _broadcast(v, x) for v in _per_channel_first(gamma * inv_std, mean_dy, mean_dy_xhat)
+    first, second = _per_channel_first(per_channel, per_channel)
+
+    def x_hat(values: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        reference, shift, inv_std = (_broadcast(v, x) for v in values)
+        return valid(((xc - reference) - shift) * inv_std)
+
+    sums = (jnp.sum(dxc, _reduce(x)), jnp.sum(dxc * x_hat(first), _reduce(x)))
+    # (Transposed, this barrier sits on the finished per-channel terms of dx.)
+    sum_dx, sum_dx_xhat = _per_channel_first(*sums)
+    mean_dx = config.psum(sum_dx) / jnp.maximum(n, 1)
+    mean_dx_xhat = config.psum(sum_dx_xhat) / jnp.maximum(n, 1)
+    a = gamma * inv_std
+    a_b, offset_b, slope_b = (
+        _broadcast(v, x) for v in (a, dbeta - a * mean_dx, dgamma - a * mean_dx_xhat)
     )
-    dx = valid(scale_b * (dy - mean_dy_b - x_hat(second) * mean_dy_xhat_b))
-    dgamma, dbeta = sum_dy_xhat.astype(gamma.dtype), sum_dy.astype(gamma.dtype)
-    return dx.astype(x.dtype), dgamma, dbeta, None
-
-
-_normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+    dy = valid(a_b * dxc + offset_b + x_hat(second) * slope_b).astype(x.dtype)
+    # The statistics' own tangents (the caller stops them, as PyTorch's buffers are).
+    return dy, mean_dx, 2 * mean_dx_xhat / inv_std
 
 
 def _varying_like(x: jax.Array, *values: jax.Array) -> tuple[jax.Array, ...]:

@@ -49,7 +49,8 @@ def channel_axis(layer: str, x: jax.Array, axis: int) -> int:
 
 def check_num_features(layer: str, num_features: int | None, x: jax.Array, axis: int) -> None:
     """``num_features``, when given, must be the input's channel count."""
-    if x.size and num_features not in (None, x.shape[axis]):
+    # (x.size may be symbolic under jax.export: compare, never take its truth value.)
+    if x.size != 0 and num_features not in (None, x.shape[axis]):
         raise RuntimeError(
             f"{layer}(num_features={num_features}) got an input of shape "
             f"{tuple(x.shape)} with {x.shape[axis]} channels on axis {axis}. Build "
