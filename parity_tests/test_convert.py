@@ -5,8 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
-import subprocess
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +28,7 @@ from jaxbn.convert import (
 )
 from jaxbn.parity import to_numpy
 
-from .conftest import TORCH_DTYPES, assert_close
+from .helpers import TORCH_DTYPES, assert_close, run_jaxbn
 
 
 def bits(value: Any) -> np.ndarray:
@@ -499,16 +497,6 @@ def test_msgpack_save_and_load_give_the_identical_tree(tmp_path, x64):
 
 
 # --- the command ---------------------------------------------------------------
-
-
-def run_jaxbn(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jaxbn.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_convert_command_writes_a_loadable_file(tmp_path):

@@ -24,7 +24,7 @@ import torch
 import jaxbn
 from jaxbn.parity import to_torch, variables_of
 
-from .conftest import TORCH_DTYPES
+from .helpers import TORCH_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)

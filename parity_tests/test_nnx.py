@@ -19,7 +19,7 @@ from jaxbn.parity import (
     torch_step,
 )
 
-from .conftest import assert_close, compare_steps
+from .helpers import assert_close, compare_steps
 
 NNX_CLASSES = {
     "BatchNorm": jaxbn.nnx.BatchNorm,

@@ -14,17 +14,9 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import parity
-from jaxbn.parity import AFFINE, KINDS, TRACKING, Case, Kind, Options, to_torch, variables_of
+from jaxbn.parity import AFFINE, KINDS, TRACKING, Options, to_torch, variables_of
 
-from .conftest import assert_close
-
-
-def run_case(kind: Kind, options: Options, *, jit: bool) -> None:
-    """10 training steps then 3 eval steps; every quantity compared after each."""
-    result = parity.run_case(Case(kind, options, jit=jit))
-    assert result.passed, "\n".join(result.failures)
-    assert result.max_abs_diff, "nothing was compared"
+from .helpers import assert_close, run_case
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -16,13 +16,13 @@ import torch
 import jaxbn
 from jaxbn.parity import compare_models
 
-from .test_examples import load
+from .helpers import load_example
 
 
 @functools.cache
 def examples():
     """examples/port_resnet.py and the examples/resnet.py module it builds with."""
-    port = load("port_resnet")
+    port = load_example("port_resnet")
     return port, port.flax_resnet
 
 

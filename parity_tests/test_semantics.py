@@ -11,8 +11,7 @@ import torch
 import jaxbn
 from jaxbn.parity import KINDS, Options, jax_step_fn, make_pair, to_torch, torch_step
 
-from .conftest import assert_close, compare_steps
-from .test_parity import run_case
+from .helpers import assert_close, compare_steps, run_case
 
 
 def test_init_is_not_a_training_step():
