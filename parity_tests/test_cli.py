@@ -112,7 +112,9 @@ def test_entry_point_and_closed_pipe_end_quietly():
 
 
 def test_closed_pipe_in_a_shell_pipeline():
-    result = run("bash", "-o", "pipefail", "-c", f"'{sys.executable}' -m jaxbn.cli parity --list | head -1")
+    result = run(
+        "bash", "-o", "pipefail", "-c", f"'{sys.executable}' -m jaxbn.cli parity --list | head -1"
+    )
     assert result.stdout == "1d-NC/affine/momentum=0.1/float32/jit\n"
     assert result.stderr == ""
     assert result.returncode in (0, 141)  # 141 when the write came after head left
@@ -230,7 +232,9 @@ def test_an_ambiguous_layer_writes_nothing_and_says_the_flags(capsys, checkpoint
         "(--kind PREFIX=KIND, --template VARS), or pass --partial to write what converted"
     )
     # The hint works as printed.
-    code, out, _ = jaxbn(capsys, "convert", "ambiguous.pth", "-o", "x.msgpack", "--kind", "embed=Embedding")
+    code, out, _ = jaxbn(
+        capsys, "convert", "ambiguous.pth", "-o", "x.msgpack", "--kind", "embed=Embedding"
+    )
     assert code == 0
     assert load_variables("x.msgpack")["params"]["embed"]["embedding"].shape == (5, 3)
 
@@ -284,7 +288,9 @@ def test_a_counter_beyond_int32_says_the_flag(capsys, checkpoints):
     assert not (checkpoints / "x.msgpack").exists()
     code, _, err = jaxbn(capsys, "convert", "counter.pth", "-o", "x.msgpack", "--saturate-counts")
     assert code == 0
-    assert err == f"jaxbn: warning: bn.num_batches_tracked = {2**40} saturated to 2147483647 (int32)\n"
+    assert (
+        err == f"jaxbn: warning: bn.num_batches_tracked = {2**40} saturated to 2147483647 (int32)\n"
+    )
 
 
 # --- parity ----------------------------------------------------------------------
@@ -357,7 +363,9 @@ def test_parity_command_lists_and_filters(capsys):
     ],
     ids=["no-case", "json-directory-missing", "json-is-a-directory"],
 )
-def test_parity_and_bench_refuse_bad_arguments_before_running(capsys, tmp_path, monkeypatch, argv, message):
+def test_parity_and_bench_refuse_bad_arguments_before_running(
+    capsys, tmp_path, monkeypatch, argv, message
+):
     monkeypatch.chdir(tmp_path)
     code, out, err = jaxbn(capsys, *argv)
     assert code == 2
@@ -372,7 +380,11 @@ def test_table_says_what_its_numbers_are():
     )
     lines = parity.format_table([result]).splitlines()
     assert lines[0].strip() == "max |jaxbn - torch| over every training and eval step"
-    assert lines[1].split() == ["case", *[parity.HEADERS.get(q, q) for q in parity.QUANTITIES], "result"]
+    assert lines[1].split() == [
+        "case",
+        *[parity.HEADERS.get(q, q) for q in parity.QUANTITIES],
+        "result",
+    ]
     assert "3.8e-05" in lines[3]
     assert (
         "pass: every element within atol + rtol * |torch| (float32: atol = rtol = 1e-05; "
@@ -435,7 +447,9 @@ def test_bench_targets_only_for_timed_shapes():
     both = [
         *small,
         *(
-            t if t.compile_seconds is None else _bench.Timing(**{**t.to_json(), "compile_seconds": 0.1})
+            t
+            if t.compile_seconds is None
+            else _bench.Timing(**{**t.to_json(), "compile_seconds": 0.1})
             for t in timings("32x64x56x56")
         ),
     ]
