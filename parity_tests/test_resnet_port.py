@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import re
 
 import flax.linen as nn
@@ -213,19 +212,17 @@ def test_harness_leaves_the_torch_model_alone():
     assert not torch_model.training
 
 
-def test_max_pool_pads_with_minus_infinity_like_torch():
-    """All-negative input: zero padding would win the max at the border; -inf must not."""
+def test_max_pool_pads_with_minus_infinity_like_torch(monkeypatch):
+    """The port's stem pooling. All-negative input: zero padding would win the max at the border."""
     _, resnet = examples()
     x = -1.0 - np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
     y_ref = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x)).numpy()
-    y_ans = np.moveaxis(
-        np.asarray(
-            resnet.nn.max_pool(
-                jnp.moveaxis(x, 1, -1), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))
-            )
-        ),
-        -1,
-        1,
-    )
+    y_ans = np.moveaxis(np.asarray(resnet.max_pool(jnp.moveaxis(x, 1, -1))), -1, 1)
     np.testing.assert_array_equal(y_ans, y_ref)
-    assert math.isfinite(float(y_ans.max()))
+    assert y_ans.max() < 0
+    # ... and it is the pooling the ResNet runs.
+    calls = []
+    pool = resnet.max_pool
+    monkeypatch.setattr(resnet, "max_pool", lambda x: calls.append(x.shape) or pool(x))
+    resnet.resnet18(num_classes=2, width=8).init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)))
+    assert calls == [(1, 8, 8, 8)]
