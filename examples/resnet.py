@@ -159,3 +159,12 @@ def resnet34(**kwargs) -> ResNet:
 
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+if __name__ == "__main__":
+    for build in (resnet18, resnet34, resnet50):
+        shapes = jax.eval_shape(
+            lambda build=build: build().init(jax.random.key(0), jnp.zeros((1, 3, 224, 224)))
+        )
+        count = sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
+        print(f"{build.__name__}: {count / 1e6:.1f}M parameters, torchvision's module names")
