@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -100,3 +101,52 @@ def run_jaxbn(
 ) -> subprocess.CompletedProcess[str]:
     """The ``jaxbn`` command (``python -m jaxbn.cli``) in a fresh process."""
     return run("python", "-m", "jaxbn.cli", *args, timeout=timeout)
+
+
+# --- the README's printed samples -----------------------------------------------
+
+NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+
+
+def readme_sample(command: str) -> list[str]:
+    """The lines the README prints under ``$ {command}`` (its output sample)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"$ {command}\n") + len(f"$ {command}\n")
+    return readme[start : readme.index("```", start)].rstrip("\n").splitlines()
+
+
+def assert_sample_matches(sample: list[str], output: list[str]) -> None:
+    """Each sample line is a line of ``output``, in order.
+
+    A sample line ``...`` skips output lines; ``...`` inside a line stands
+    for any text. The words must be the same; numbers printed in e-notation
+    (differences) within a factor 10 of the sample's, other numbers within
+    0.1% of it: a sample from another run on another machine still matches,
+    a stale one does not.
+    """
+    at = 0
+    skipping = False
+    for line in sample:
+        if line.strip() == "...":
+            skipping = True
+            continue
+        parts = [re.escape(part) for part in re.split(NUMBER, line.strip())]
+        # re.split keeps the numbers at the odd positions.
+        pattern = "".join(NUMBER if i % 2 else part for i, part in enumerate(parts))
+        pattern = pattern.replace(re.escape("..."), ".*")
+        while at < len(output) and not re.fullmatch(pattern, output[at].strip()):
+            assert skipping, f"README line {line!r} != output line {output[at]!r}"
+            at += 1
+        assert at < len(output), f"README line {line!r} is not in the output:\n" + "\n".join(output)
+        match = re.fullmatch(pattern, output[at].strip())
+        assert match is not None
+        wanted = re.findall(NUMBER, line.strip())
+        for want, got in zip(wanted, match.groups(), strict=True):
+            w, g = float(want), float(got)
+            if "e" in want:
+                ok = (w == g == 0) or (w > 0 and g > 0 and 0.1 <= g / w <= 10)
+            else:
+                ok = abs(g - w) <= 1e-3 * max(abs(w), 1)
+            assert ok, f"README {want} vs run {got}:\n  {line}\n  {output[at]}"
+        at += 1
+        skipping = False

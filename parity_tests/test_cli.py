@@ -23,7 +23,7 @@ import torch
 from jaxbn import _bench, cli, parity
 from jaxbn.convert import load_variables, save_variables
 
-from .helpers import run, run_jaxbn
+from .helpers import assert_sample_matches, readme_sample, run, run_jaxbn
 
 
 def jaxbn(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
@@ -371,6 +371,24 @@ def test_parity_and_bench_refuse_bad_arguments_before_running(
     assert code == 2
     assert one_line(err) == message
     assert out == ""
+
+
+def test_readme_parity_sample_is_a_real_run():
+    """The README's ``jaxbn parity`` sample: its rows rerun, its layout and count as printed."""
+    sample = readme_sample("jaxbn parity --json results.json")
+    cases = parity.builtin_cases()
+    shown = {line.split()[0] for line in sample if line.split()} & {c.name for c in cases}
+    assert shown, sample
+    results = parity.run([c for c in cases if c.name in shown])
+    environment = parity.environment()
+    output = [
+        "jaxbn parity against " + ", ".join(f"{k} {v}" for k, v in environment.items()),
+        *parity.format_table(results).splitlines(),
+        "results saved to results.json",
+    ]
+    everything = f"{len(cases)} of {len(cases)} cases passed."
+    assert everything in sample  # the full run's count, as the README states it
+    assert_sample_matches(["..." if line == everything else line for line in sample], output)
 
 
 def test_table_says_what_its_numbers_are():
