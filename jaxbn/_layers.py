@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 from jax.typing import ArrayLike, DTypeLike
@@ -113,10 +113,7 @@ class Settings(Protocol):
     def axis_name(self) -> str | None: ...
     @property
     def axis_index_groups(self) -> Sequence[Sequence[int]] | None: ...
-    @property
-    def eval_hint(self) -> str:
-        """How this API selects eval, e.g. ``use_running_average=True``."""
-        ...
+    eval_hint: ClassVar[str]  # how this API selects eval, e.g. "use_running_average=True"
 
 
 def check_momentum(momentum: float | None) -> None:
