@@ -113,6 +113,7 @@ class Settings(Protocol):
     def axis_name(self) -> str | None: ...
     @property
     def axis_index_groups(self) -> Sequence[Sequence[int]] | None: ...
+
     eval_hint: ClassVar[str]  # how this API selects eval, e.g. "use_running_average=True"
 
 
