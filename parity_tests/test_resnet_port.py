@@ -72,6 +72,7 @@ def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path
     np.testing.assert_array_equal(logits_ans.argmax(-1), logits_ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_continued_training_tracks_torch_step_by_step(tmp_path):
     """The example's setting with 20 SGD steps: losses within 1e-3 relative at every step.
 
