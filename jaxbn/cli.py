@@ -217,6 +217,9 @@ def add_parity(commands: Any) -> argparse.ArgumentParser:
     return parity
 
 
+NO_TORCH = "which is not installed; install it from the checkout with: pip install -e '.[torch]'"
+
+
 def run_parity(args: argparse.Namespace) -> int:
     from . import parity
 
@@ -230,6 +233,10 @@ def run_parity(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(case.name for case in cases))
         return 0
+    try:
+        import torch  # noqa: F401 (only whether it is there)
+    except ImportError:
+        raise CommandError(f"jaxbn parity compares with PyTorch, {NO_TORCH}") from None
     environment = parity.environment()
     print("jaxbn parity against " + ", ".join(f"{k} {v}" for k, v in environment.items()))
     results = parity.run(cases, on_result=progress)
@@ -324,8 +331,8 @@ def load_state(path: pathlib.Path) -> Mapping[str, Any]:
         state = load_checkpoint(path)
     except CheckpointError as error:
         raise CommandError(str(error)) from None
-    except ImportError as error:
-        raise CommandError(f"{error}; install it with: pip install -e '.[torch]'") from None
+    except ImportError:
+        raise CommandError(f"{path}: reading it needs PyTorch or safetensors, {NO_TORCH}") from None
     if not isinstance(state, Mapping):
         raise CommandError(
             f"{path} holds a {type(state).__name__}, not a state dict of named tensors; "

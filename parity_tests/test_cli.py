@@ -120,6 +120,22 @@ def test_closed_pipe_in_a_shell_pipeline():
     assert result.returncode in (0, 141)  # 141 when the write came after head left
 
 
+def test_without_torch_the_commands_that_need_it_say_so(tmp_path):
+    """torch is an optional extra: blocked, parity and inspect say how to install it."""
+    (tmp_path / "m.pt").write_bytes(b"anything")
+    code = (
+        "import sys; sys.modules['torch'] = None; from jaxbn import cli; "
+        "print(cli.main(['parity', '-k', '2d/']), cli.main(['inspect', sys.argv[1]]))"
+    )
+    result = run("python", "-c", code, tmp_path / "m.pt", timeout=120)
+    assert result.stdout == "1 1\n", result.stderr
+    install = "which is not installed; install it from the checkout with: pip install -e '.[torch]'"
+    assert result.stderr.splitlines() == [
+        f"jaxbn: jaxbn parity compares with PyTorch, {install}",
+        f"jaxbn: {tmp_path / 'm.pt'}: reading it needs PyTorch or safetensors, {install}",
+    ]
+
+
 # --- convert and inspect: mistakes caught before any work ---------------------
 
 
