@@ -127,8 +127,8 @@ def check_momentum(momentum: float | None) -> None:
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
     ...     check_momentum(1.5)
-    >>> str(caught[0].message).split(".")[0]
-    'momentum=1'
+    >>> str(caught[0].message).split(". ")[0]
+    'momentum=1.5 is outside [0, 1]'
     """
     _check_momentum(momentum)
 
