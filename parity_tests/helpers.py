@@ -138,19 +138,32 @@ def assert_sample_matches(sample: list[str], output: list[str]) -> None:
         # Column widths depend on the rows shown: any run of spaces, any rule of dashes.
         pattern = re.sub(r"(?:\\ )+", lambda _: r"\s+", pattern)
         pattern = re.sub(r"(?:\\-){2,}", lambda _: "-+", pattern)
-        while at < len(output) and not re.fullmatch(pattern, output[at].strip()):
-            assert skipping, f"README line {line!r} != output line {output[at]!r}"
+        failure = "the output ended"
+        while at < len(output):
+            match = re.fullmatch(pattern, output[at].strip())
+            failure = (
+                _numbers_differ(re.findall(NUMBER, line.strip()), match.groups())
+                if match
+                else "different words"
+            )
+            if not failure:
+                break
+            assert skipping, f"README {line!r}\n   run {output[at]!r}: {failure}"
             at += 1
-        assert at < len(output), f"README line {line!r} is not in the output:\n" + "\n".join(output)
-        match = re.fullmatch(pattern, output[at].strip())
-        assert match is not None
-        wanted = re.findall(NUMBER, line.strip())
-        for want, got in zip(wanted, match.groups(), strict=True):
-            w, g = float(want), float(got)
-            if "e" in want:  # a difference: the same order of magnitude, or both at roundoff
-                ok = max(w, g) <= 1e-6 or (w > 0 and g > 0 and 0.1 <= g / w <= 10)
-            else:
-                ok = abs(g - w) <= 1e-3 * max(abs(w), 1)
-            assert ok, f"README {want} vs run {got}:\n  {line}\n  {output[at]}"
+        assert at < len(output), f"README line {line!r} not in the run ({failure}):\n" + "\n".join(
+            output
+        )
         at += 1
         skipping = False
+
+
+def _numbers_differ(wanted: list[str], got: tuple[str, ...]) -> str:
+    for want, have in zip(wanted, got, strict=True):
+        w, g = float(want), float(have)
+        if "e" in want:  # a difference: the same order of magnitude, or both at roundoff
+            ok = max(w, g) <= 1e-6 or (w > 0 and g > 0 and 0.1 <= g / w <= 10)
+        else:
+            ok = abs(g - w) <= 1e-3 * max(abs(w), 1)
+        if not ok:
+            return f"README {want} vs run {have}"
+    return ""

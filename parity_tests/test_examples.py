@@ -6,40 +6,97 @@ the README's printed samples are compared with real runs.
 
 from __future__ import annotations
 
+import ast
 import pathlib
+import re
 
 import pytest
 
-from .helpers import EXAMPLES, assert_sample_matches, load_example, readme_sample, run
+from .helpers import EXAMPLES, assert_sample_matches, readme_sample, run
 
-# The quick command line of each script (`python examples/NAME.py ARGS`).
-SCRIPTS = {
-    "train_cnn": ["--steps", "3"],
-    "data_parallel": ["--steps", "2"],
-    "resnet": [],
-    "port_resnet": ["--steps", "2", "--plot", "{tmp}/port_resnet.png"],
-}
-SLOW_SCRIPTS = {"port_resnet"}  # pretrains and converts a ResNet-18 first (~40 s)
+# Every script, run as a user runs it (`python examples/NAME.py ARGS`), and
+# what its output must show. port_resnet runs with the README's command line.
 
 
-def test_every_example_has_a_quick_command_line():
-    assert set(SCRIPTS) == {path.stem for path in EXAMPLES.glob("*.py")}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SCRIPTS else n for n in SCRIPTS],
-)
-def test_example_runs_as_a_script(name, tmp_path):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in SCRIPTS[name]]
-    result = run("python", EXAMPLES / f"{name}.py", *args, timeout=600, cwd=tmp_path)
+def script(name: str, *args: str, cwd: pathlib.Path) -> list[str]:
+    """stdout lines of ``python examples/{name}.py ARGS``, which must succeed quietly."""
+    result = run("python", EXAMPLES / f"{name}.py", *args, timeout=900, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stdout.strip()
+    return result.stdout.splitlines()
+
+
+def test_every_example_is_run_here():
+    tested = {"train_cnn", "data_parallel", "resnet", "port_resnet"}
+    assert tested == {path.stem for path in EXAMPLES.glob("*.py")}
+
+
+def test_train_cnn_learns_and_counts_steps(tmp_path):
+    """The same held-out batch before and after: loss down, accuracy up, 20 steps counted."""
+    (line,) = script("train_cnn", "--steps", "20", cwd=tmp_path)
+    numbers = re.fullmatch(
+        r"training loss \S+ -> \S+ over 20 steps; held-out loss (\S+) -> (\S+), "
+        r"accuracy (\S+) -> (\S+); num_batches_tracked 20",
+        line,
+    )
+    assert numbers is not None, line
+    loss_before, loss, accuracy_before, accuracy = map(float, numbers.groups())
+    # Measured: 3.09 -> 1.85 and 0.10 -> 0.27. With a learning rate 25x too small
+    # the loss ends at 2.03 and the accuracy at 0.15.
+    assert loss < 0.7 * loss_before
+    assert accuracy >= 0.2 > accuracy_before
+
+
+def test_data_parallel_statistics_equal_a_single_device_run(tmp_path):
+    lines = script("data_parallel", "--steps", "3", cwd=tmp_path)
+    assert lines[0] == "8 devices, global batch 64 (8 per device)"
+    last = re.fullmatch(r"num_batches_tracked 3; largest differences: (\{.*\})", lines[-1])
+    assert last is not None, lines
+    worst = ast.literal_eval(last[1])
+    assert worst["batch_stats"] < 1e-5
+    assert worst["params"] < 1e-5
+    assert worst["loss"] < 1e-5
+
+
+def test_resnet_module_runs(tmp_path):
+    assert script("resnet", cwd=tmp_path) == [
+        "resnet18: 11.7M parameters, torchvision's module names",
+        "resnet34: 21.8M parameters, torchvision's module names",
+        "resnet50: 25.6M parameters, torchvision's module names",
+    ]
+
+
+@pytest.mark.slow
+def test_port_resnet_runs_as_the_readme_shows(tmp_path):
+    """``python examples/port_resnet.py``: the README's sample, and training that keeps tracking.
+
+    25 SGD steps in both frameworks from the converted checkpoint: losses
+    within 1e-3 relative at every step. (Narrower models, smaller batches
+    or larger steps make the first steps chaotic: a 1e-7 perturbation of the
+    weights then reaches 1e-2 in the loss within a few steps, in PyTorch
+    alone.)
+    """
+    output = script("port_resnet", cwd=tmp_path)
+    assert_sample_matches(readme_sample("python examples/port_resnet.py"), output)
+    text = "\n".join(output)
+
+    def number(pattern: str) -> float:
+        found = re.search(pattern, text)
+        assert found is not None, pattern
+        return float(found[1])
+
+    assert number(r"eval logits: max \|diff\| (\S+), top-1 agreement 100%") <= 1e-4
+    assert re.search(r"layer-by-layer \(eval\): \d+ quantities within", text)
+    assert number(r"worst relative loss difference (\S+)") <= 1e-3
+    assert number(r"final weights: max \|diff\| (\S+) ") <= 1e-3
+    assert number(r"running statistics: \S+ \(relative (\S+)\)") <= 1e-3
+    first, last = (float(v) for v in re.findall(r"loss (\S+) -> (\S+) \(torch\)", text)[0])
+    assert last < first  # it does learn
+    assert (tmp_path / "port_resnet.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_an_example_says_what_to_install_before_any_work(tmp_path):
-    """Without matplotlib: one line naming it and the install command, before the 40 s of work."""
+    """Without matplotlib: one line naming it and the install command, before minutes of work."""
     code = (
         "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['port_resnet.py']; "
         f"runpy.run_path({str(EXAMPLES / 'port_resnet.py')!r}, run_name='__main__')"
@@ -51,26 +108,6 @@ def test_an_example_says_what_to_install_before_any_work(tmp_path):
         "examples/port_resnet.py needs matplotlib; install it from the checkout with: "
         "pip install -e '.[torch,examples]'"
     )
-
-
-def test_train_cnn_learns_and_counts_steps():
-    """The same held-out batch before and after: loss down, accuracy up, 20 steps counted."""
-    result = load_example("train_cnn").main(steps=20)
-    assert result["num_batches_tracked"] == 20
-    # Measured: 3.09 -> 1.85 and 0.10 -> 0.27. With the learning rate at 0 (only the
-    # running statistics change) the loss ends at 2.45 and the accuracy at 0.11.
-    assert result["eval_loss"] < 0.7 * result["eval_loss_before"]
-    assert result["eval_accuracy"] >= 0.2 > result["eval_accuracy_before"]
-
-
-def test_data_parallel_statistics_equal_a_single_device_run():
-    worst = load_example("data_parallel").main(steps=3, verbose=False)
-    assert worst["batch_stats"] < 1e-5
-    assert worst["params"] < 1e-5
-    assert worst["loss"] < 1e-5
-
-
-# --- the README's printed samples, against real runs ---------------------------
 
 
 def test_sample_matcher_can_fail():
@@ -85,15 +122,3 @@ def test_sample_matcher_can_fail():
     ):
         with pytest.raises(AssertionError):
             assert_sample_matches(sample, [stale, "written to /tmp/p.png"])
-
-
-@pytest.mark.slow
-def test_readme_port_resnet_sample_is_a_real_run(tmp_path, capsys):
-    """``python examples/port_resnet.py`` (25 steps) prints what the README shows."""
-    port = load_example("port_resnet")
-    result = port.main(plot=str(tmp_path / "port_resnet.png"))
-    output = capsys.readouterr().out.splitlines()
-    sample = readme_sample("python examples/port_resnet.py")
-    assert_sample_matches(sample, output)
-    assert result["top1_agreement"] == 1.0
-    assert pathlib.Path(tmp_path / "port_resnet.png").read_bytes().startswith(b"\x89PNG")

@@ -19,7 +19,11 @@ from jaxbn.parity import AFFINE, KINDS, TRACKING, Options, to_torch, variables_o
 from .helpers import assert_close, run_case
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# Eager mode is the same computation, op by op: in the slow lane (momentum=None
+# runs eager in the fast lane too, via jaxbn parity's built-in cases).
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"]
+)
 @pytest.mark.parametrize("tracking", TRACKING.values(), ids=TRACKING.keys())
 @pytest.mark.parametrize("affine", AFFINE.values(), ids=AFFINE.keys())
 @pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())

@@ -150,6 +150,7 @@ def test_two_pass_writes_a_full_size_temporary():
     assert len(buffers) >= 2, buffers
 
 
+@pytest.mark.slow
 def test_bench_command_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
     result = run_jaxbn("bench", "--shape", "8x16x8x8", "--reps", "2", "--json", out)

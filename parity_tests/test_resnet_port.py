@@ -52,7 +52,7 @@ CANONICAL_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path):
     torch_model, flax_model = calibrated(arch)
     state = torch_model.state_dict()
@@ -72,34 +72,8 @@ def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path
     np.testing.assert_array_equal(logits_ans.argmax(-1), logits_ref.argmax(-1))
 
 
-@pytest.mark.slow
-def test_continued_training_tracks_torch_step_by_step(tmp_path):
-    """The example's setting with 20 SGD steps: losses within 1e-3 relative at every step.
-
-    (Narrower models, smaller batches or larger steps make these first steps
-    chaotic: a 1e-7 perturbation of the weights then reaches 1e-2 in the loss
-    within a few steps, in PyTorch alone. This setting keeps it below 1e-6.)
-    """
-    port, _ = examples()
-    result = port.main(
-        "resnet18",
-        image=32,
-        batch=64,
-        width=64,
-        steps=20,
-        lr=0.02,
-        plot=str(tmp_path / "p.png"),
-        verbose=False,
-    )
-    assert result["eval_max_abs_diff"] <= 1e-4
-    assert result["top1_agreement"] == 1.0
-    assert result["layers"].ok, result["layers"].table()
-    assert len(result["losses_torch"]) == 20
-    assert result["max_relative_loss_diff"] <= 1e-3
-    assert result["losses_torch"][-1] < result["losses_torch"][0]  # it does learn
-    assert result["final_weight_diff"][0] <= 1e-3
-    assert result["final_stats_diff"][1] <= 1e-3
-    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+# Continued training (25 steps, as the README shows it) is checked by
+# test_examples.test_port_resnet_runs_as_the_readme_shows.
 
 
 def tiny(arch: str = "resnet18"):
@@ -109,7 +83,9 @@ def tiny(arch: str = "resnet18"):
     return torch_model, flax_model, variables, x
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "train", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eval", "train"]
+)
 def test_harness_reports_clean_for_a_correct_port(train):
     torch_model, flax_model, variables, x = tiny()
     report = compare_models(
@@ -225,5 +201,6 @@ def test_max_pool_pads_with_minus_infinity_like_torch(monkeypatch):
     calls = []
     pool = resnet.max_pool
     monkeypatch.setattr(resnet, "max_pool", lambda x: calls.append(x.shape) or pool(x))
-    resnet.resnet18(num_classes=2, width=8).init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)))
+    model = resnet.resnet18(num_classes=2, width=8)
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 16, 16)))  # traced, not run
     assert calls == [(1, 8, 8, 8)]
