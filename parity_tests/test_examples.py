@@ -47,6 +47,7 @@ def test_train_cnn_learns_and_counts_steps(tmp_path):
     assert accuracy >= 0.2 > accuracy_before
 
 
+@pytest.mark.slow  # the fast lane has test_scale_out
 def test_data_parallel_statistics_equal_a_single_device_run(tmp_path):
     lines = script("data_parallel", "--steps", "3", cwd=tmp_path)
     assert lines[0] == "8 devices, global batch 64 (8 per device)"
