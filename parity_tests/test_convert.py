@@ -530,6 +530,7 @@ def test_convert_command_writes_a_loadable_file(tmp_path):
         np.testing.assert_array_equal(bits(a), bits(b))
 
 
+@pytest.mark.slow  # test_cli checks the same refusals in-process
 def test_convert_command_fails_with_the_full_list(tmp_path):
     zoo = trained_zoo()
     torch.save(zoo.state_dict(), tmp_path / "zoo.pt")

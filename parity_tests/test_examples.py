@@ -31,6 +31,7 @@ def test_every_example_is_run_here():
     assert tested == {path.stem for path in EXAMPLES.glob("*.py")}
 
 
+@pytest.mark.slow
 def test_train_cnn_learns_and_counts_steps(tmp_path):
     """The same held-out batch before and after: loss down, accuracy up, 20 steps counted."""
     (line,) = script("train_cnn", "--steps", "20", cwd=tmp_path)

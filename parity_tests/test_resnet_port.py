@@ -110,6 +110,7 @@ def test_harness_reports_clean_for_a_correct_port(train):
     assert "within rtol" in report.table()
 
 
+@pytest.mark.slow
 def test_harness_finds_wrong_padding_at_the_right_conv(monkeypatch):
     """The classic port bug: 'SAME' padding on a strided conv pads asymmetrically."""
     torch_model, flax_model, variables, x = tiny()
@@ -135,6 +136,7 @@ def test_harness_finds_wrong_padding_at_the_right_conv(monkeypatch):
     assert all(row.ok for row in earlier)
 
 
+@pytest.mark.slow
 def test_harness_finds_flax_convention_momentum_at_the_right_batchnorm(monkeypatch):
     """A BatchNorm ported with Flax's momentum=0.9: outputs agree, running statistics do not."""
     torch_model, flax_model, variables, x = tiny()
@@ -163,6 +165,7 @@ def test_harness_finds_flax_convention_momentum_at_the_right_batchnorm(monkeypat
     assert all(row.ok for row in report.rows if row.quantity.startswith("output"))
 
 
+@pytest.mark.slow
 def test_harness_leaves_the_torch_model_alone():
     torch_model, flax_model, variables, x = tiny()
     before = {k: v.clone() for k, v in torch_model.state_dict().items()}
