@@ -8,6 +8,8 @@ from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d
 from ._linen import BatchNorm2d as BatchNorm2d
 from ._linen import BatchNorm3d as BatchNorm3d
+from .convert import ConversionError as ConversionError
+from .convert import Report as Report
 from .convert import from_torch as from_torch
 from .convert import load_checkpoint as load_checkpoint
 from .convert import to_torch as to_torch
@@ -20,6 +22,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchStats",
+    "ConversionError",
+    "Report",
     "batch_norm",
     "from_torch",
     "load_checkpoint",

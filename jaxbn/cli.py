@@ -311,12 +311,16 @@ def add_inspect(commands: Any) -> argparse.ArgumentParser:
         "inspect",
         help="list a checkpoint's layers and inferred kinds without converting",
         description=(
-            "List every tensor of CKPT with its layer kind, torch and Flax shapes "
-            "and layout, as convert would, without converting. Exits 1 if any "
-            "tensor would not convert."
+            "List what jaxbn convert would do with CKPT: every tensor's layer kind, "
+            "Flax path, shapes and layout, and every key it could not convert "
+            "(then the exit code is 1). CKPT may also be a model factory, "
+            "MODULE:FUNCTION (e.g. torchvision.models:mnasnet1_0), called with no "
+            "arguments: the live module also shows the settings its state dict does "
+            "not carry (eps, momentum, stride, ...) and the Linears that depend on "
+            "the flatten order."
         ),
     )
-    inspect.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT")
+    inspect.add_argument("checkpoint", metavar="CKPT")
     add_mapping_arguments(inspect)
     inspect.set_defaults(run=run_inspect)
     return inspect
@@ -354,6 +358,39 @@ def conversion_errors(path: pathlib.Path) -> Iterator[None]:
             f"{path}: {first}; run with JAX_ENABLE_X64=1 to keep it exactly, or pass "
             "--saturate-counts to clamp it (it only matters for momentum=None)"
         ) from None
+
+
+def is_factory(spec: str) -> bool:
+    """``package.module:function`` rather than a file name."""
+    module, sep, function = spec.partition(":")
+    return (
+        bool(sep) and module.replace(".", "").replace("_", "").isalnum() and function.isidentifier()
+    )
+
+
+def build_model(spec: str) -> Any:
+    """The torch module that ``MODULE:FUNCTION`` builds, or a one-line refusal."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise CommandError(
+            f"cannot build {spec}: {error}; check the names (python -c 'import {module_name}')",
+            USAGE,
+        ) from None
+    try:
+        model = factory()
+    except TypeError as error:
+        raise CommandError(
+            f"cannot build {spec}: {error}; give a function that builds the model with no "
+            "arguments",
+            USAGE,
+        ) from None
+    if not hasattr(model, "state_dict"):
+        raise CommandError(f"{spec}() returned a {type(model).__name__}, not a torch module", USAGE)
+    return model
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -398,9 +435,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .convert import inspect
 
     kinds = parse_kinds(args.kind)
-    state = load_state(args.checkpoint)
+    if is_factory(args.checkpoint):
+        source: Any = build_model(args.checkpoint)
+    else:
+        source = load_state(pathlib.Path(args.checkpoint))
     with conversion_errors(args.checkpoint):
-        report = inspect(state, kinds=kinds)
+        report = inspect(source, kinds=kinds)
     print(format_summary(report, template_given=False))
     if report.problems:
         raise CommandError(
@@ -430,7 +470,11 @@ def format_summary(report: Any, *, template_given: bool) -> str:
                 f"{name} {list(entry.torch_shape)}",
                 "->",
                 f"{entry.flax_name} {list(entry.flax_shape)} {entry.dtype}",
-                "" if entry.layout == "same" else entry.layout,
+                entry.rule
+                if entry.rule != "keep"
+                else ""
+                if entry.layout == "same"
+                else entry.layout,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -441,12 +485,27 @@ def format_summary(report: Any, *, template_given: bool) -> str:
     layers = len({e.torch_key.rpartition(".")[0] for e in report.entries})
     lines.append(f"\n{len(report.entries)} tensors in {layers} layers")
     lines.extend(f"note: {note}" for note in report.notes)
+    if report.settings:
+        lines.append(
+            "\nsettings the state dict does not carry, where they differ from PyTorch's "
+            "defaults (build the Flax layers with them):"
+        )
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for setting in report.settings:
+            default = str(setting).rpartition(" (")[2].removesuffix(")")
+            key = (setting.name, repr(setting.value), default)
+            groups.setdefault(key, []).append(setting.layer or "<root>")
+        for (name, value, default), layers in groups.items():
+            shown = ", ".join(layers[:4]) + (
+                f", ... ({len(layers)} layers)" if len(layers) > 4 else ""
+            )
+            lines.append(f"  {name}={value} ({default}): {shown}")
+    lines.extend(f"layout: {note}" for note in report.layout_notes)
     for group, items in report.problems.items():
         lines.append(f"\n{group} ({len(items)}):")
         for item in items:
-            lines.append(
-                f"  {ambiguity_hint(item, template_given) if group == 'ambiguous' else item}"
-            )
+            hinted = ambiguity_hint(item, template_given) if group == "ambiguous" else item
+            lines.append(f"  {in_shell_syntax(hinted, template_given)}")
     return "\n".join(lines)
 
 
@@ -478,6 +537,19 @@ def ambiguity_hint(line: str, template_given: bool) -> str:
         options.append("--template VARS")
     named = f"{prefix} ({keys['keys']})" if keys else prefix
     return f"{named}: could be {candidates}; pass {' or '.join(options)}"
+
+
+_KINDS_ARGUMENT = re.compile(r"kinds=\{'(?P<prefix>[^']*)': '(?P<kind>[^']*)'\}")
+
+
+def in_shell_syntax(line: str, template_given: bool) -> str:
+    """A converter hint with Python's ``kinds={...}`` and "a template" as this command's flags.
+
+    >>> in_shell_syntax("pass kinds={'head': 'Param'} or a template", template_given=False)
+    'pass --kind head=Param or --template VARS'
+    """
+    line = _KINDS_ARGUMENT.sub(lambda m: f"--kind {m['prefix']}={m['kind']}", line)
+    return line.replace(" or a template", "" if template_given else " or --template VARS")
 
 
 def progress_bar(done: int, total: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from jaxbn import _bench, cli, parity
-from jaxbn.convert import load_variables, save_variables
+from jaxbn.convert import LAYERS, load_variables, save_variables
 
 from .helpers import assert_sample_matches, readme_sample, run, run_jaxbn
 
@@ -157,8 +157,8 @@ def test_without_torch_the_commands_that_need_it_say_so(tmp_path):
         ),
         (
             ["convert", "good.pth", "-o", "x.msgpack", "--kind", "fc=Bogus"],
-            "jaxbn: --kind fc=Bogus: unknown layer kind 'Bogus'; use one of BatchNorm, Conv, "
-            "Embedding, Linear, Norm or a torch.nn class name such as Conv2d",
+            "jaxbn: --kind fc=Bogus: unknown layer kind 'Bogus'; use one of "
+            f"{', '.join(sorted(LAYERS))} or a torch.nn class name such as Conv2d",
         ),
         (
             ["inspect", "good.pth", "--kind", "fc"],
@@ -344,7 +344,7 @@ def test_parity_command_fails_loudly_on_a_mismatch(monkeypatch, capsys, tmp_path
         ref.momentum = 0.99
         return ref, ans, variables
 
-    monkeypatch.setattr(parity, "make_pair", flax_momentum_on_torch_side)
+    monkeypatch.setattr(parity._cases, "make_pair", flax_momentum_on_torch_side)
     code, out, _ = jaxbn(capsys, "parity", "-k", SUBSET + "/jit", "--json", tmp_path / "r.json")
     assert code == 1
     assert "0 of 1 cases passed." in out

@@ -259,6 +259,43 @@ def test_bare_state_dict_reports_ambiguity_instead_of_guessing():
     assert variables["params"]["blocks"]["0"]["kernel"].shape == (6, 6)
 
 
+def test_conversion_error_and_report_are_top_level_names():
+    assert jaxbn.ConversionError is ConversionError
+    assert jaxbn.Report is jaxbn.convert.Report
+    with pytest.raises(jaxbn.ConversionError):
+        from_torch(trained_zoo().state_dict())
+
+
+def test_inspect_reports_what_from_torch_does_with_every_kind_of_template():
+    """inspect and from_torch share one plan: same entries, same problems, any template."""
+    from flax import nnx
+
+    zoo = trained_zoo()
+    _, f = zoo_inputs()
+    linen = dict(FlaxZoo().init(jax.random.key(0), f))
+    linen["params"] = {**linen["params"], "extra": {"kernel": jnp.zeros((2, 2))}}
+    abstract = jax.eval_shape(lambda: linen)
+
+    class NnxNet(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Embed(10, 6, rngs=nnx.Rngs(0))
+
+    state = {k: v for k, v in zoo.state_dict().items() if k.startswith("embed.")}
+    for obj, template in [
+        (zoo.state_dict(), linen),
+        (zoo.state_dict(), abstract),
+        (state, NnxNet()),
+    ]:
+        report = inspect(obj, template)
+        _, converted = from_torch(obj, template, strict=False)
+        assert report == converted
+    assert inspect(zoo.state_dict(), linen).missing == ("params/extra/kernel",)
+    assert not inspect(zoo.state_dict(), linen).ambiguous  # the template decides
+    nnx_report = inspect(state, NnxNet())
+    assert nnx_report.ok, nnx_report.describe_problems()
+    assert [e.flax_key for e in nnx_report.entries] == [("params", "embed", "embedding")]
+
+
 def test_strict_accounting_lists_every_problem_at_once():
     zoo = trained_zoo()
     _, f = zoo_inputs()
@@ -297,9 +334,12 @@ def test_strict_accounting_lists_every_problem_at_once():
 
 
 def test_unsupported_module_types_are_reported_with_their_keys():
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.PReLU(), torch.nn.LSTM(2, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 2), torch.nn.Bilinear(2, 2, 2), torch.nn.LSTM(2, 2)
+    )
     with pytest.raises(
-        ConversionError, match=r"1: torch.nn.PReLU is not a supported layer kind \(keys: weight\)"
+        ConversionError,
+        match=r"1: torch.nn.Bilinear is not a supported layer kind \(keys: bias, weight\)",
     ) as caught:
         from_torch(model)
     assert (
@@ -312,7 +352,7 @@ def test_one_dimensional_weight_alone_is_ambiguous():
     state = {"act.weight": torch.ones(1), "norm.weight": torch.ones(4), "norm.bias": torch.zeros(4)}
     variables, report = from_torch(state, strict=False)
     assert report.ambiguous == (
-        "act: ambiguous: could be Norm or a layer jaxbn has no table for (e.g. PReLU); "
+        "act: ambiguous: could be Norm or PReLU; "
         "pass e.g. kinds={'act': 'Norm'}, the torch module, or a template (keys: weight)",
     )
     assert set(variables["params"]) == {"norm"}

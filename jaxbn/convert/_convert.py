@@ -1,12 +1,13 @@
 """PyTorch state dicts <-> Flax variable trees, with strict accounting.
 
-One function applies the tables of :mod:`._layouts` in each direction. Every
-torch key ends up converted or listed in the report; nothing is dropped.
+Each direction makes the flat plan of :mod:`._plan` and then moves the
+tensors it names; every torch key ends up converted or listed in the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -14,22 +15,29 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 
 from .._functional import count_dtype
-from ._arrays import to_numpy, to_tensor
-from ._layouts import (
-    LAYERS,
-    LAYOUTS,
-    TORCH_MODULES,
-    Param,
-    kind_name,
-    to_flax_layout,
-    to_torch_layout,
+from .._torch import to_numpy, to_tensor
+from ._layouts import to_flax_layout, to_torch_layout
+from ._plan import (
+    ConversionError,
+    Entry,
+    FlaxKey,
+    Report,
+    Source,
+    describe_all,
+    plan_from_torch,
+    plan_to_torch,
+    spec_of_class,
+    unwrap,
 )
 
 if TYPE_CHECKING:
     import torch
 
-FlaxKey = tuple[str, ...]  # (collection, *module path, variable name)
 Variables = dict[str, Any]
+
+
+class LayoutWarning(UserWarning):
+    """A converted kernel that is right only if the Flax model flattens as torch does."""
 
 
 def default_flax_path(prefix: str) -> tuple[str, ...]:
@@ -40,77 +48,6 @@ def default_flax_path(prefix: str) -> tuple[str, ...]:
 def default_torch_path(path: tuple[str, ...]) -> str:
     """The inverse of :func:`default_flax_path`."""
     return ".".join(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One converted tensor."""
-
-    torch_key: str
-    flax_key: FlaxKey
-    kind: str
-    layout: str
-    torch_shape: tuple[int, ...]
-    flax_shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def flax_name(self) -> str:
-        return "/".join(self.flax_key)
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """What a conversion did, and everything it could not do.
-
-    ``missing``/``unexpected``/``mismatched`` compare the result with a
-    template; ``unconverted`` are tensors no table covers; ``ambiguous`` are
-    modules whose kind the names and shapes do not decide. Each line names
-    the torch key and the Flax path where both are known.
-    """
-
-    entries: tuple[Entry, ...] = ()
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: tuple[str, ...] = ()
-    unconverted: tuple[str, ...] = ()
-    ambiguous: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def problems(self) -> dict[str, tuple[str, ...]]:
-        groups = {
-            "missing": self.missing,
-            "unexpected": self.unexpected,
-            "mismatched": self.mismatched,
-            "unconverted": self.unconverted,
-            "ambiguous": self.ambiguous,
-        }
-        return {name: lines for name, lines in groups.items() if lines}
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def describe_problems(self) -> str:
-        lines = []
-        for name, items in self.problems.items():
-            lines.append(f"{name} ({len(items)}):")
-            lines.extend(f"  {item}" for item in items)
-        return "\n".join(lines)
-
-
-class ConversionError(ValueError):
-    """Raised by a strict conversion; ``report`` holds every problem found."""
-
-    def __init__(self, report: Report, direction: str) -> None:
-        self.report = report
-        count = sum(len(v) for v in report.problems.values())
-        super().__init__(
-            f"{direction}: {count} problem(s), listed below. Nothing was dropped: "
-            "fix the mapping (kinds=, the path rule, the template), or pass "
-            "strict=False to get the converted tree and this report.\n" + report.describe_problems()
-        )
 
 
 # --- PyTorch -> Flax -------------------------------------------------------
@@ -168,8 +105,11 @@ def from_torch(
     Conv*d                          kernel (*k, in, out) from (out, in, *k)
     ConvTranspose*d                 kernel (*k, out, in) from (in, out, *k),
                                     for ``ConvTranspose(transpose_kernel=True)``
+    FrozenBatchNorm2d               batch_stats: scale, bias, mean, var
     LayerNorm, GroupNorm, RMSNorm   scale, bias
     Embedding                       embedding (no transpose)
+    PReLU                           negative_slope
+    Param (bare tensors)            params/<name> (buffers: buffers/<name>)
     ==============================  =========================================
 
     Args:
@@ -186,49 +126,45 @@ def from_torch(
       strict: raise :class:`ConversionError` listing every problem. With
         False, return ``(variables, report)`` instead.
       kinds: ``{torch module prefix: kind}`` overrides, e.g.
-        ``{'head': 'Embedding'}``; kinds are 'BatchNorm', 'Linear', 'Conv',
-        'Norm', 'Embedding' or a torch class name such as 'BatchNorm2d'.
+        ``{'head': 'Embedding'}``; kinds are 'BatchNorm', 'FrozenBatchNorm',
+        'Linear', 'Conv', 'Norm', 'Embedding', 'PReLU', 'Param' (a module's
+        bare parameters and buffers, kept under their names) or a torch
+        class name such as 'BatchNorm2d'. A template places bare parameters
+        too.
       flax_path: maps a torch module prefix to a Flax module path.
       counts: what to do with a ``num_batches_tracked`` beyond int32 when
         jax_enable_x64 is off: 'error', or 'saturate' at the int32 maximum
         (with a warning).
       progress: called as ``progress(done, total)`` after each tensor.
 
+    From a live module, the report also lists each layer setting the state
+    dict does not carry (eps, momentum, stride, ...) that differs from
+    PyTorch's default, and each Linear that depends on the flatten order;
+    with a template, the latter is also a :class:`LayoutWarning`.
+
     Returns:
       ``{'params': ..., 'batch_stats': ...}`` of numpy arrays (jax accepts
       them anywhere; ``jax.device_put`` moves them to a device), or
       ``(variables, report)`` when ``strict=False``.
     """
-    template = _as_variables(template)
-    state, report = _plan(obj, template, kinds, flax_path)
+    source = unwrap(obj)
+    report = inspect(source, template, kinds=kinds, flax_path=flax_path)
+    if template is not None and report.layout_notes:
+        warnings.warn(
+            "these kernels are right only if the Flax model flattens its input in torch's "
+            "order:\n" + "\n".join(report.layout_notes),
+            LayoutWarning,
+            stacklevel=2,
+        )
+    if strict and not report.ok:
+        raise ConversionError(report, "from_torch")
     variables: Variables = {}
     for done, entry in enumerate(report.entries, 1):
-        if entry.torch_key in state:
-            array = to_numpy(state[entry.torch_key])
-            if entry.layout == "count":
-                value = _count(int(array), entry.torch_key, counts)
-            else:
-                value = to_flax_layout(array, entry.layout)
-        else:  # a BatchNorm counter an old checkpoint lacks: PyTorch loads 0
-            value = _count(0, entry.torch_key, counts)
-        _put(variables, entry.flax_key, value)
+        _put(variables, entry.flax_key, _to_flax(source.state, entry, counts))
         if progress is not None:
             progress(done, len(report.entries))
     _warn_bad_variances(report.entries, variables)
-    template_keys = flatten_tree(template) if template is not None else None
-    report = dataclasses.replace(
-        report,
-        **_against_template(
-            flatten_tree(variables),
-            template_keys,
-            {e.flax_key: e.torch_key for e in report.entries},
-        ),
-    )
-    if strict:
-        if not report.ok:
-            raise ConversionError(report, "from_torch")
-        return variables
-    return variables, report
+    return variables if strict else (variables, report)
 
 
 def inspect(
@@ -240,192 +176,54 @@ def inspect(
 ) -> Report:
     """What :func:`from_torch` would do, without converting any tensor.
 
-    The report lists each tensor's layer kind, Flax path, shapes and layout,
-    and every key that would not convert.
+    The report is the one :func:`from_torch` makes, for the same arguments:
+    each tensor's layer kind, Flax path, shapes and layout, every key that
+    would not convert, the comparison with ``template`` (a variable tree,
+    its ``jax.eval_shape``, or an NNX model), and from a live module the
+    settings a Flax model must be built with (:attr:`Report.settings`).
     """
-    return _plan(obj, template, kinds, flax_path)[1]
+    source = obj if isinstance(obj, Source) else unwrap(obj)
+    flat = describe_all(flatten_tree(_as_variables(template))) if template is not None else None
+    return plan_from_torch(source, flat, kinds, flax_path)
 
 
-def _plan(
-    obj: Any,
-    template: Any,
-    kinds: Mapping[str, str] | None,
-    flax_path: Callable[[str], tuple[str, ...]],
-) -> tuple[dict[str, Any], Report]:
-    """The state dict, and one entry per tensor saying where it goes."""
-    state, module_types, notes = _unwrap(obj)
-    overrides = {prefix: kind_name(kind) for prefix, kind in (kinds or {}).items()}
-    template_keys = flatten_tree(template) if template is not None else None
-    entries: list[Entry] = []
-    unconverted: list[str] = []
-    ambiguous: list[str] = []
-    for prefix, tensors in _group_by_module(state).items():
-        path = flax_path(prefix)
-        kind, why = _torch_kind(prefix, tensors, module_types, overrides, path, template_keys)
-        if kind is None:
-            target = ambiguous if why.startswith("ambiguous") else unconverted
-            target.append(f"{prefix or '<root>'}: {why} (keys: {', '.join(sorted(tensors))})")
-            continue
-        shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-        dtypes = {name: _dtype_name(tensor.dtype) for name, tensor in tensors.items()}
-        if kind == "BatchNorm" and "running_mean" in shapes and "num_batches_tracked" not in shapes:
-            notes.append(
-                f"{_join(prefix, 'num_batches_tracked')}: absent (old checkpoint); set to 0"
-            )
-            shapes["num_batches_tracked"], dtypes["num_batches_tracked"] = (), "int64"
-        table = {p.torch: p for p in LAYERS[kind]}
-        for name, shape in shapes.items():
-            key = _join(prefix, name)
-            if name not in table:
-                unconverted.append(f"{key}: a {kind} layer has no tensor named {name!r}")
-                continue
-            param = table[name]
-            dtype = str(np.dtype(count_dtype())) if param.layout == "count" else dtypes[name]
-            flax_shape = shape if param.layout == "count" else _permuted(shape, param.layout)
-            entries.append(
-                Entry(
-                    key,
-                    (param.collection, *path, param.flax),
-                    kind,
-                    param.layout,
-                    shape,
-                    flax_shape,
-                    dtype,
-                )
-            )
-    report = Report(
-        entries=tuple(entries),
-        unconverted=tuple(unconverted),
-        ambiguous=tuple(ambiguous),
-        notes=tuple(notes),
-    )
-    return state, report
+def batch_norm_settings(module: Any) -> dict[str, Any]:
+    """The jaxbn BatchNorm arguments that reproduce a torch BatchNorm module.
 
+    A state dict carries none of these; a Flax model built with the defaults
+    where torch used others (MobileNetV3's eps=1e-3, MNASNet's momentum=3e-4)
+    converts strictly and is silently wrong.
 
-def _permuted(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    return tuple(shape[i] for i in LAYOUTS[layout][0](len(shape)))
+    >>> import torch
+    >>> batch_norm_settings(torch.nn.BatchNorm2d(8, eps=1e-3, momentum=None))
+    {'num_features': 8, 'momentum': None, 'eps': 0.001, 'affine': True, 'use_bias': True, 'track_running_stats': True}
 
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _unwrap(obj: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """``(state dict, {prefix: torch class names}, notes)`` from a module or checkpoint."""
-    notes: list[str] = []
-    if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
-        types = {prefix: _torch_class_names(module) for prefix, module in obj.named_modules()}
-        return dict(obj.state_dict()), types, notes
-    if not isinstance(obj, Mapping):
+    Pass them on: ``jaxbn.BatchNorm2d(**batch_norm_settings(torch_bn))``, or
+    ``jaxbn.nnx.BatchNorm2d(**...)``.
+    """
+    spec = spec_of_class(type(module))
+    if spec is None or spec.kind != "BatchNorm":
         raise TypeError(
-            f"from_torch takes a torch.nn.Module or a state dict, got {type(obj).__name__}. "
-            "For a file use jaxbn.load_checkpoint(path) first."
+            f"batch_norm_settings takes a torch BatchNorm module, got {type(module).__name__}; "
+            "for a whole model, jaxbn.convert.inspect(model).settings lists every layer's"
         )
-    state = dict(obj)
-    while not _is_state_dict(state):
-        wrapper = next((k for k in ("state_dict", "model", "model_state_dict") if k in state), None)
-        if wrapper is None or not isinstance(state[wrapper], Mapping):
-            bad = sorted(k for k, v in state.items() if not _is_tensor(v))
-            raise TypeError(
-                "expected a state dict of tensors (or a checkpoint holding one under "
-                f"'state_dict', 'model' or 'model_state_dict'); these entries are not "
-                f"tensors: {bad[:10]}"
-            )
-        others = sorted(k for k in state if k != wrapper)
-        notes.append(
-            f"using checkpoint[{wrapper!r}]"
-            + (f"; not model weights, not converted: {others}" if others else "")
-        )
-        state = dict(state[wrapper])
-    if state and all(key.startswith("module.") for key in state):
-        notes.append("removed DDP's 'module.' prefix")
-        state = {key.removeprefix("module."): value for key, value in state.items()}
-    return state, {}, notes
+    return {
+        "num_features": module.num_features,
+        "momentum": module.momentum,
+        "eps": module.eps,
+        "affine": module.affine,
+        "use_bias": module.bias is not None if module.affine else True,
+        "track_running_stats": module.track_running_stats,
+    }
 
 
-def _is_tensor(value: Any) -> bool:
-    return hasattr(value, "detach") and hasattr(value, "shape")
-
-
-def _is_state_dict(state: Mapping[str, Any]) -> bool:
-    return all(_is_tensor(v) for v in state.values())
-
-
-def _torch_class_names(module: Any) -> str:
-    """The first class in the module's MRO that has a layer table, else its own name."""
-    for cls in type(module).__mro__:
-        if cls.__name__ in TORCH_MODULES:
-            return cls.__name__
-    return type(module).__name__
-
-
-def _group_by_module(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    groups: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        prefix, _, name = key.rpartition(".")
-        groups.setdefault(prefix, {})[name] = tensor
-    return groups
-
-
-def _torch_kind(
-    prefix: str,
-    tensors: Mapping[str, Any],
-    module_types: Mapping[str, str],
-    overrides: Mapping[str, str],
-    path: tuple[str, ...],
-    template_keys: Mapping[FlaxKey, Any] | None,
-) -> tuple[str | None, str]:
-    """The layer kind of one torch module, or None and why not."""
-    if prefix in overrides:
-        return overrides[prefix], ""
-    if prefix in module_types:
-        torch_class = module_types[prefix]
-        if torch_class in TORCH_MODULES:
-            return TORCH_MODULES[torch_class], ""
-        return None, f"torch.nn.{torch_class} is not a supported layer kind"
-    candidates = _infer_from_names({name: tuple(t.shape) for name, t in tensors.items()})
-    if template_keys is not None and len(candidates) > 1:
-        fitting = [
-            kind
-            for kind in candidates
-            if kind in LAYERS
-            and all(
-                (p.collection, *path, p.flax) in template_keys
-                for p in LAYERS[kind]
-                if p.torch in tensors
-            )
-        ]
-        candidates = fitting or candidates
-    if len(candidates) == 1 and candidates[0] in LAYERS:
-        return candidates[0], ""
-    if candidates:
-        example = next(kind for kind in candidates if kind in LAYERS)
-        return None, (
-            f"ambiguous: could be {' or '.join(candidates)}; pass e.g. kinds={{{prefix!r}: "
-            f"{example!r}}}, the torch module, or a template"
-        )
-    return None, "no layer kind has these tensor names and ranks"
-
-
-# A 1-D weight alone may be a norm's scale or, e.g., PReLU's slopes.
-_OTHER = "a layer jaxbn has no table for (e.g. PReLU)"
-
-
-def _infer_from_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Candidate kinds of a module in a bare state dict, from names and ranks."""
-    if {"running_mean", "running_var", "num_batches_tracked"} & set(shapes):
-        return ["BatchNorm"]
-    weight = shapes.get("weight")
-    if weight is None:
-        return []
-    if len(weight) == 1:
-        # LayerNorm, GroupNorm, untracked BatchNorm: the same tree.
-        return ["Norm"] if "bias" in shapes else ["Norm", _OTHER]
-    if len(weight) == 2:
-        return ["Linear"] if "bias" in shapes else ["Linear", "Embedding"]
-    if 3 <= len(weight) <= 5:
-        return ["Conv"]
-    return []
+def _to_flax(state: Mapping[str, Any], entry: Entry, counts: str) -> np.ndarray:
+    if not entry.present:  # e.g. the step counter an old checkpoint lacks: PyTorch loads 0
+        return _count(0, entry.torch_key, counts)
+    array = to_numpy(state[entry.torch_key])
+    if entry.rule == "count":
+        return _count(int(array), entry.torch_key, counts)
+    return to_flax_layout(array, entry.layout)
 
 
 def _count(value: int, key: str, counts: str) -> np.ndarray:
@@ -447,7 +245,7 @@ def _count(value: int, key: str, counts: str) -> np.ndarray:
 def _warn_bad_variances(entries: Iterable[Entry], variables: Variables) -> None:
     bad = []
     for entry in entries:
-        if entry.flax_key[0] == "batch_stats" and entry.flax_key[-1] == "var":
+        if entry.flax_key[-1] == "var" and entry.flax_key[0] == "batch_stats":
             value = _get(variables, entry.flax_key).astype(np.float64)
             if not (value >= 0).all():
                 bad.append(entry.torch_key)
@@ -471,7 +269,7 @@ def to_torch(
     strict: Literal[True] = True,
     kinds: Mapping[str, str] | None = None,
     torch_path: Callable[[tuple[str, ...]], str] = default_torch_path,
-) -> dict[str, torch.Tensor]: ...
+) -> collections.OrderedDict[str, torch.Tensor]: ...
 
 
 @overload
@@ -482,7 +280,7 @@ def to_torch(
     strict: Literal[False],
     kinds: Mapping[str, str] | None = None,
     torch_path: Callable[[tuple[str, ...]], str] = default_torch_path,
-) -> tuple[dict[str, torch.Tensor], Report]: ...
+) -> tuple[collections.OrderedDict[str, torch.Tensor], Report]: ...
 
 
 def to_torch(
@@ -492,7 +290,10 @@ def to_torch(
     strict: bool = True,
     kinds: Mapping[str, str] | None = None,
     torch_path: Callable[[tuple[str, ...]], str] = default_torch_path,
-) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], Report]:
+) -> (
+    collections.OrderedDict[str, torch.Tensor]
+    | tuple[collections.OrderedDict[str, torch.Tensor], Report]
+):
     """Convert a Flax variable tree back into a torch state dict.
 
     The inverse of :func:`from_torch`, bit for bit. Layer kinds come from
@@ -501,7 +302,9 @@ def to_torch(
     -> Conv (also ConvTranspose), ``embedding`` -> Embedding, ``scale`` ->
     Norm. With a template (module or state dict) the keys, shapes and dtypes
     must match it, so that ``load_state_dict(..., strict=True)`` accepts the
-    result, and the keys come in the template's order.
+    result, and the keys come in the template's order. The result is an
+    ``OrderedDict`` carrying the template's ``_metadata`` (the module
+    versions ``state_dict()`` records, which some modules check on load).
 
     Args:
       variables: ``{'params': ..., 'batch_stats': ...}``, or an NNX model.
@@ -511,73 +314,28 @@ def to_torch(
       kinds: ``{torch module prefix: kind}`` overrides.
       torch_path: maps a Flax module path to a torch module prefix.
     """
-    torch_template, module_types, _ = _unwrap(template) if template is not None else ({}, {}, [])
-    overrides = {prefix: kind_name(kind) for prefix, kind in (kinds or {}).items()}
-    modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = {}
-    for (collection, *path, name), value in flatten_tree(_as_variables(variables)).items():
-        modules.setdefault(tuple(path), {})[(collection, name)] = value
-    state: dict[str, Any] = {}
-    entries: list[Entry] = []
-    unconverted: list[str] = []
-    for path, leaves in modules.items():
-        prefix = torch_path(path)
-        kind = overrides.get(prefix) or TORCH_MODULES.get(module_types.get(prefix, ""))
-        kind = kind or _infer_from_flax_names(leaves)
-        table: dict[tuple[str, str], Param] = {}
-        if kind is not None:
-            table = {(p.collection, p.flax): p for p in LAYERS[kind]}
-        for (collection, name), value in leaves.items():
-            flax_key = (collection, *path, name)
-            param = table.get((collection, name))
-            if param is None:
-                why = (
-                    f"a {kind} layer has no {collection} variable {name!r}"
-                    if kind
-                    else ("no layer kind has these variable names")
-                )
-                unconverted.append(f"{'/'.join(flax_key)}: {why}")
-                continue
-            array = np.asarray(value)
-            if param.layout == "count":
-                converted = array.astype(np.int64)
-            else:
-                converted = to_torch_layout(array, param.layout)
-            key = _join(prefix, param.torch)
-            state[key] = to_tensor(converted)
-            entries.append(
-                Entry(
-                    key,
-                    flax_key,
-                    kind or "",
-                    param.layout,
-                    converted.shape,
-                    array.shape,
-                    str(converted.dtype),
-                )
-            )
-    problems = _against_torch_template(state, torch_template)
-    if torch_template:
-        state = {key: state[key] for key in torch_template if key in state} | state
-    report = Report(entries=tuple(entries), unconverted=tuple(unconverted), **problems)
-    if strict:
-        if not report.ok:
-            raise ConversionError(report, "to_torch")
-        return state
-    return state, report
+    flat = flatten_tree(_as_variables(variables))
+    source = unwrap(template, "to_torch's template") if template is not None else None
+    report = plan_to_torch(flat, source, kinds, torch_path)
+    if strict and not report.ok:
+        raise ConversionError(report, "to_torch")
+    converted = {
+        entry.torch_key: _to_torch(flat[entry.flax_key], entry) for entry in report.entries
+    }
+    order = list(source.state) if source is not None else []
+    state = collections.OrderedDict(
+        (key, converted[key]) for key in [*order, *converted] if key in converted
+    )
+    if source is not None and source.metadata is not None:
+        state._metadata = copy.deepcopy(source.metadata)  # type: ignore[attr-defined]
+    return state if strict else (state, report)
 
 
-def _infer_from_flax_names(leaves: Mapping[tuple[str, str], Any]) -> str | None:
-    names = {name for _, name in leaves}
-    if any(collection == "batch_stats" for collection, _ in leaves):
-        return "BatchNorm"
-    if "kernel" in names:
-        ndim = np.ndim(leaves.get(("params", "kernel"), 0))
-        return "Linear" if ndim == 2 else "Conv" if 3 <= ndim <= 5 else None
-    if "embedding" in names:
-        return "Embedding"
-    if "scale" in names:
-        return "Norm"
-    return None
+def _to_torch(value: Any, entry: Entry) -> torch.Tensor:
+    array = np.asarray(value)
+    if entry.rule == "count":
+        return to_tensor(array.astype(np.int64))
+    return to_tensor(to_torch_layout(array, entry.layout))
 
 
 def _as_variables(tree: Any) -> Any:
@@ -591,55 +349,11 @@ def _as_variables(tree: Any) -> Any:
     return tree
 
 
-# --- accounting ------------------------------------------------------------
-
-
-def _against_template(
-    result: Mapping[FlaxKey, Any],
-    template: Mapping[FlaxKey, Any] | None,
-    torch_keys: Mapping[FlaxKey, str],
-) -> dict[str, tuple[str, ...]]:
-    if template is None:
-        return {}
-
-    def name(key: FlaxKey) -> str:
-        flax = "/".join(key)
-        return f"{flax} (torch {torch_keys[key]})" if key in torch_keys else flax
-
-    return _accounting(result, template, name)
-
-
-def _against_torch_template(
-    state: Mapping[str, Any], template: Mapping[str, Any]
-) -> dict[str, tuple[str, ...]]:
-    return _accounting(state, template, str) if template else {}
-
-
-def _accounting(
-    result: Mapping[Any, Any], template: Mapping[Any, Any], name: Callable[[Any], str]
-) -> dict[str, tuple[str, ...]]:
-    """Missing, unexpected and shape- or dtype-mismatched keys, each named."""
-    mismatched = [
-        f"{name(k)}: converted {_describe(result[k])}, template {_describe(template[k])}"
-        for k in result
-        if k in template and _describe(result[k]) != _describe(template[k])
-    ]
-    return {
-        "missing": tuple(name(k) for k in template if k not in result),
-        "unexpected": tuple(name(k) for k in result if k not in template),
-        "mismatched": tuple(mismatched),
-    }
-
-
-def _describe(value: Any) -> str:
-    """``'float32[3, 3, 64, 64]'`` for an array, tensor or ShapeDtypeStruct."""
-    return f"{_dtype_name(value.dtype)}[{', '.join(map(str, value.shape))}]"
-
-
 # --- trees -----------------------------------------------------------------
 
 
 def flatten_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[FlaxKey, Any]:
+    """``{('params', 'conv', 'kernel'): array}`` from a nested mapping."""
     if isinstance(tree, Mapping):
         flat: dict[FlaxKey, Any] = {}
         for key, value in tree.items():
@@ -648,18 +362,14 @@ def flatten_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[FlaxKey, Any]:
     return {prefix: tree}
 
 
-def _put(tree: Variables, key: FlaxKey, value: Any) -> None:
-    *parents, leaf = key
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
 def _get(tree: Mapping[str, Any], key: FlaxKey) -> Any:
     for part in key:
         tree = tree[part]
     return tree
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _put(tree: Variables, key: FlaxKey, value: Any) -> None:
+    *parents, leaf = key
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value

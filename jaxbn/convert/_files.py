@@ -13,7 +13,7 @@ import numpy as np
 from flax import serialization
 from flax.core import unfreeze
 
-from ._arrays import import_torch
+from .._torch import import_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

@@ -1,9 +1,15 @@
-"""PyTorch -> Flax names and layouts, one declarative table per layer kind.
+"""PyTorch <-> Flax names and layouts: one declarative spec per layer kind.
 
 Reading a row: the torch tensor ``<module>.<torch>`` becomes the Flax
-variable ``<collection>/<module path>/<flax>``, rearranged by ``layout``.
-Every layout is a pure axis permutation (or an integer cast for the step
-counter), so conversion in either direction is bit-exact.
+variable ``<collection>/<module path>/<flax>``, rearranged by ``layout``
+(a pure axis permutation, so conversion is bit-exact both ways) and typed by
+``dtype`` ('keep', or 'count' for the step counter). ``'*'`` names any
+tensor, kept under its own name. Adding a layer kind is adding a spec.
+
+>>> [(t.torch, t.collection, t.flax, t.layout) for t in KINDS["Linear"].tensors]
+[('weight', 'params', 'kernel', 'transposed'), ('bias', 'params', 'bias', 'same')]
+>>> kind_of_class("BatchNorm2d"), kind_name("Conv2d")
+('BatchNorm', 'Conv')
 """
 
 from __future__ import annotations
@@ -13,15 +19,60 @@ from collections.abc import Mapping
 
 import numpy as np
 
+ANY = "*"
+
 
 @dataclasses.dataclass(frozen=True)
-class Param:
-    """One tensor of a layer kind: its PyTorch name, Flax place and layout."""
+class Tensor:
+    """One tensor of a layer kind: its PyTorch name, Flax place, layout and dtype rule."""
 
-    torch: str
-    collection: str  # 'params' or 'batch_stats'
-    flax: str
-    layout: str  # a key of LAYOUTS
+    torch: str  # name in the torch module, or ANY
+    collection: str  # Flax collection: 'params', 'batch_stats', 'buffers'
+    flax: str  # Flax variable name, or ANY for the torch name
+    layout: str = "same"  # a key of LAYOUTS
+    dtype: str = "keep"  # 'keep', or 'count': the step counter (jaxbn's count dtype)
+    ranks: tuple[int, ...] = ()  # ranks a bare state dict may show; () is any
+    absent: int | None = None  # loaded when a checkpoint lacks it; None: it is required
+    source: str = "any"  # 'parameter' or 'buffer' of a live module, or 'any'
+
+    def matches_torch(self, name: str, rank: int, source: str = "any") -> bool:
+        """Whether this row takes the torch tensor ``name`` (``source``: see the field)."""
+        if self.torch not in (ANY, name) or (self.ranks and rank not in self.ranks):
+            return False
+        # A state dict does not say what is a buffer: read its tensors as parameters.
+        return self.source in ("any", "parameter" if source == "any" else source)
+
+    def matches_flax(self, collection: str, name: str) -> bool:
+        return self.collection == collection and self.flax in (ANY, name)
+
+    def flax_name(self, torch_name: str) -> str:
+        return torch_name if self.flax == ANY else self.flax
+
+    def torch_name(self, flax_name: str) -> str:
+        return flax_name if self.torch == ANY else self.torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """A layer kind: its tensors, the torch classes that have it, and its settings.
+
+    ``settings`` are constructor arguments that a state dict does not carry
+    (``eps``, ``stride``, ...): read from a live module and reported where
+    they differ from the class's default. ``inferred``: a bare state dict may
+    be read as this kind from its tensor names and ranks alone.
+    """
+
+    kind: str
+    tensors: tuple[Tensor, ...]
+    torch_classes: tuple[str, ...]
+    settings: tuple[str, ...] = ()
+    inferred: bool = True
+
+    def tensor_for_torch(self, name: str, rank: int, source: str = "any") -> Tensor | None:
+        return next((t for t in self.tensors if t.matches_torch(name, rank, source)), None)
+
+    def tensor_for_flax(self, collection: str, name: str) -> Tensor | None:
+        return next((t for t in self.tensors if t.matches_flax(collection, name)), None)
 
 
 def _to_spatial_first(ndim: int) -> tuple[int, ...]:
@@ -40,51 +91,117 @@ LAYOUTS = {
     "same": (lambda ndim: tuple(range(ndim)), lambda ndim: tuple(range(ndim))),
     "transposed": (lambda ndim: (1, 0), lambda ndim: (1, 0)),
     "spatial-first": (_to_spatial_first, _from_spatial_first),
-    "count": (lambda ndim: (), lambda ndim: ()),  # a scalar; its dtype is handled apart
 }
 
-_BIAS = Param("bias", "params", "bias", "same")
+_VECTOR = (1,)
+_BIAS = Tensor("bias", "params", "bias", ranks=_VECTOR)
+_CONV = ("stride", "padding", "dilation", "groups", "padding_mode", "output_padding")
 
-LAYERS: Mapping[str, tuple[Param, ...]] = {
-    "BatchNorm": (
-        Param("weight", "params", "scale", "same"),
-        _BIAS,
-        Param("running_mean", "batch_stats", "mean", "same"),
-        Param("running_var", "batch_stats", "var", "same"),
-        Param("num_batches_tracked", "batch_stats", "num_batches_tracked", "count"),
+SPECS: tuple[LayerSpec, ...] = (
+    LayerSpec(
+        "BatchNorm",
+        (
+            Tensor("weight", "params", "scale", ranks=_VECTOR),
+            _BIAS,
+            Tensor("running_mean", "batch_stats", "mean", ranks=_VECTOR),
+            Tensor("running_var", "batch_stats", "var", ranks=_VECTOR),
+            Tensor(
+                "num_batches_tracked",
+                "batch_stats",
+                "num_batches_tracked",
+                dtype="count",
+                ranks=(0,),
+                absent=0,
+            ),
+        ),
+        (
+            *(f"{lazy}BatchNorm{d}d" for lazy in ("", "Lazy") for d in (1, 2, 3)),
+            "SyncBatchNorm",
+        ),
+        settings=("eps", "momentum", "affine", "track_running_stats"),
     ),
-    "Linear": (Param("weight", "params", "kernel", "transposed"), _BIAS),
-    "Conv": (Param("weight", "params", "kernel", "spatial-first"), _BIAS),
-    "Norm": (Param("weight", "params", "scale", "same"), _BIAS),
-    "Embedding": (Param("weight", "params", "embedding", "same"),),
-}
+    LayerSpec(
+        "FrozenBatchNorm",  # torchvision.ops.FrozenBatchNorm2d: four buffers, never trained
+        (
+            Tensor("weight", "batch_stats", "scale", ranks=_VECTOR),
+            Tensor("bias", "batch_stats", "bias", ranks=_VECTOR),
+            Tensor("running_mean", "batch_stats", "mean", ranks=_VECTOR),
+            Tensor("running_var", "batch_stats", "var", ranks=_VECTOR),
+        ),
+        ("FrozenBatchNorm2d",),
+        settings=("eps",),
+        inferred=False,  # its tensors are an old BatchNorm checkpoint's too
+    ),
+    LayerSpec(
+        "Linear",
+        (Tensor("weight", "params", "kernel", "transposed", ranks=(2,)), _BIAS),
+        ("Linear", "LazyLinear", "NonDynamicallyQuantizableLinear"),
+    ),
+    LayerSpec(
+        "Conv",
+        (Tensor("weight", "params", "kernel", "spatial-first", ranks=(3, 4, 5)), _BIAS),
+        # ConvTranspose weights map to the kernel of
+        # flax.linen.ConvTranspose(transpose_kernel=True), which computes what
+        # torch's ConvTranspose computes, with the same permutation as Conv.
+        tuple(
+            f"{lazy}{conv}{d}d"
+            for lazy in ("", "Lazy")
+            for conv in ("Conv", "ConvTranspose")
+            for d in (1, 2, 3)
+        ),
+        settings=_CONV,
+    ),
+    LayerSpec(
+        "Norm",
+        (Tensor("weight", "params", "scale", ranks=_VECTOR), _BIAS),
+        ("LayerNorm", "GroupNorm", "RMSNorm"),
+        settings=("eps", "num_groups"),
+    ),
+    LayerSpec(
+        "Embedding",
+        (Tensor("weight", "params", "embedding", ranks=(2,)),),
+        ("Embedding",),
+        settings=("padding_idx", "max_norm"),
+    ),
+    LayerSpec("PReLU", (Tensor("weight", "params", "negative_slope", ranks=_VECTOR),), ("PReLU",)),
+    LayerSpec(
+        "Param",  # bare parameters and buffers: layer scale, tokens, position embeddings
+        (
+            Tensor(ANY, "params", ANY, source="parameter"),
+            Tensor(ANY, "buffers", ANY, source="buffer"),
+        ),
+        (),
+        inferred=False,
+    ),
+)
 
-# torch.nn class names -> layer kind. ConvTranspose weights map to the kernel
-# of flax.linen.ConvTranspose(transpose_kernel=True), which computes what
-# torch's ConvTranspose computes, with the same permutation as Conv.
+KINDS: Mapping[str, LayerSpec] = {spec.kind: spec for spec in SPECS}
+# torch class name -> layer kind.
 TORCH_MODULES: Mapping[str, str] = {
-    **{f"BatchNorm{d}d": "BatchNorm" for d in (1, 2, 3)},
-    **{f"LazyBatchNorm{d}d": "BatchNorm" for d in (1, 2, 3)},
-    "SyncBatchNorm": "BatchNorm",
-    "Linear": "Linear",
-    "LazyLinear": "Linear",
-    **{f"{conv}{d}d": "Conv" for conv in ("Conv", "ConvTranspose") for d in (1, 2, 3)},
-    **{f"Lazy{conv}{d}d": "Conv" for conv in ("Conv", "ConvTranspose") for d in (1, 2, 3)},
-    "LayerNorm": "Norm",
-    "GroupNorm": "Norm",
-    "RMSNorm": "Norm",
-    "Embedding": "Embedding",
+    torch_class: spec.kind for spec in SPECS for torch_class in spec.torch_classes
 }
+# The classic view of the specs: kind -> its tensors.
+LAYERS: Mapping[str, tuple[Tensor, ...]] = {spec.kind: spec.tensors for spec in SPECS}
+
+
+def kind_of_class(name: str) -> str | None:
+    """The layer kind of a torch class name, or None."""
+    return TORCH_MODULES.get(name)
 
 
 def kind_name(name: str) -> str:
-    """A layer kind from a kind or a torch.nn class name ('Conv2d' -> 'Conv')."""
-    if name in LAYERS:
+    """A layer kind from a kind or a torch class name ('Conv2d' -> 'Conv')."""
+    if name in KINDS:
         return name
     if name in TORCH_MODULES:
         return TORCH_MODULES[name]
-    known = sorted({*LAYERS, *TORCH_MODULES})
+    known = sorted({*KINDS, *TORCH_MODULES})
     raise ValueError(f"unknown layer kind {name!r}; use one of {', '.join(known)}")
+
+
+def permuted(shape: tuple[int, ...], layout: str, *, to_torch: bool = False) -> tuple[int, ...]:
+    """The Flax shape of a torch shape under ``layout`` (the torch shape of a Flax one)."""
+    return tuple(shape[i] for i in LAYOUTS[layout][int(to_torch)](len(shape)))
 
 
 def to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""torch tensors <-> numpy arrays, bit for bit (bfloat16 included)."""
+"""The one place jaxbn meets torch: importing it, and tensors <-> numpy arrays bit for bit.
+
+Shared by the converters, the parity harness and the benchmark; torch is
+imported only when one of these functions runs.
+"""
 
 from __future__ import annotations
 

@@ -1,21 +1,17 @@
-"""Run torch and jaxbn BatchNorm layers side by side and measure how far apart they are.
+"""The single-layer sweep: torch BatchNorm layers against their jaxbn twins.
 
-This is the engine behind ``jaxbn parity`` and the ``parity_tests`` suite.
 A :class:`Case` names a layer kind and PyTorch options; :func:`run_case`
 builds a ``torch.nn.BatchNorm*d`` with random weights and statistics, the
 jaxbn twin holding the same values, runs training steps on drifting inputs
 with a random upstream gradient, then eval steps, and records the largest
-difference of every output, gradient and running statistic.
-
-torch is imported lazily: ``import jaxbn.parity`` works without it, running
-a case does not.
+difference of every output, gradient and running statistic. This is what
+``jaxbn parity`` runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -27,29 +23,18 @@ import ml_dtypes
 import numpy as np
 
 import jaxbn
-from jaxbn.convert import default_torch_path, from_torch
-from jaxbn.convert._arrays import import_torch, to_numpy, to_tensor
-from jaxbn.convert._convert import flatten_tree
-from jaxbn.convert._layouts import LAYERS, TORCH_MODULES
+from jaxbn._torch import import_torch, to_numpy, to_tensor
+from jaxbn.convert import LAYERS, from_torch
+
+from ._compare import TOLERANCES, compare
 
 if TYPE_CHECKING:
     import torch
 
+
 # jaxbn's variable names -> PyTorch's state-dict names, from the converter's table.
 TORCH_NAMES = {p.flax: p.torch for p in LAYERS["BatchNorm"]}
 PARAMS = tuple(p.flax for p in LAYERS["BatchNorm"] if p.collection == "params")
-
-# Measured against torch 2.13 (CPU) on ordinary inputs: float32 outputs agree
-# to ~5e-7 and gradients to ~1e-6; 1e-5 leaves a wide margin.
-TOLERANCES = {
-    "float32": {"rtol": 1e-5, "atol": 1e-5},
-    "float64": {"rtol": 1e-10, "atol": 1e-10},
-}
-
-
-def to_torch(a: Any) -> torch.Tensor:
-    """A numpy or jax array as a torch tensor, keeping bfloat16."""
-    return to_tensor(a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +158,9 @@ class Step(NamedTuple):
 def torch_step(ref: torch.nn.Module, x: np.ndarray, g: np.ndarray, *, training: bool) -> Step:
     """Forward ``x`` through the torch layer and backward the cotangent ``g``."""
     ref.train(training)
-    xt = to_torch(x).requires_grad_(True)
+    xt = to_tensor(x).requires_grad_(True)
     y = ref(xt)
-    y.backward(to_torch(g))
+    y.backward(to_tensor(g))
     tensors = torch_tensors(ref)
     grads = {"x": xt.grad}
     for name in PARAMS:
@@ -325,35 +310,6 @@ def run_case(case: Case, seed: int = 0) -> CaseResult:
     return CaseResult(case, worst, not failures, tuple(failures), time.perf_counter() - start)
 
 
-def compare(actual: Any, desired: Any, *, rtol: float, atol: float) -> tuple[float, str]:
-    """Max |actual - desired| and, if beyond ``atol + rtol * |desired|``, why.
-
-    Integers must match exactly; NaN and inf must sit in the same places.
-    """
-    actual, desired = np.asarray(actual), np.asarray(desired)
-    if actual.shape != desired.shape:
-        return math.inf, f"shape {actual.shape} != torch's {desired.shape}"
-    if np.issubdtype(desired.dtype, np.integer):
-        rtol = atol = 0.0
-    elif actual.dtype != desired.dtype:
-        return math.inf, f"dtype {actual.dtype} != torch's {desired.dtype}"
-    a, d = actual.astype(np.float64), desired.astype(np.float64)
-    same = (a == d) | (np.isnan(a) & np.isnan(d))
-    with np.errstate(invalid="ignore"):
-        err = np.where(same, 0.0, np.nan_to_num(np.abs(a - d), nan=math.inf))
-        bad = ~same & (~(err <= atol + rtol * np.abs(d)) | np.isinf(a) | np.isinf(d))
-    if err.size == 0:
-        return 0.0, ""
-    if not bad.any():
-        return float(err.max()), ""
-    index = np.unravel_index(np.argmax(np.where(bad, err, -1.0)), err.shape)
-    return float(err.max()), (
-        f"{int(bad.sum())} of {bad.size} beyond atol={atol}, rtol={rtol} "
-        f"(dtype {actual.dtype}); worst at {tuple(int(i) for i in index)}: "
-        f"jaxbn {a[index]!r} vs torch {d[index]!r}"
-    )
-
-
 AFFINE = {
     "affine": {"affine": True, "use_bias": True},
     "no-bias": {"affine": True, "use_bias": False},
@@ -460,272 +416,4 @@ def environment() -> Mapping[str, str]:
         "flax": flax.__version__,
         "torch": torch.__version__,
         "backend": jax.default_backend(),
-    }
-
-
-# --- whole models, layer by layer ---------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerDiff:
-    """How far one quantity of one layer is from torch's."""
-
-    layer: str  # torch module path; '' is the model's output
-    quantity: str  # 'output', 'output[1]' (second call), 'grad weight', 'running_mean', ...
-    shape: tuple[int, ...]
-    max_abs: float  # max |jaxbn - torch|
-    max_rel: float  # max_abs / max |torch|
-    ok: bool
-    detail: str = ""  # why not ok
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelReport:
-    """Per-layer differences, in torch's execution order, and the first divergence."""
-
-    rows: tuple[LayerDiff, ...]
-    unmatched_torch: tuple[str, ...]  # torch modules with parameters and no Flax twin
-    unmatched_flax: tuple[str, ...]  # Flax modules with no torch twin
-    rtol: float
-    atol: float
-
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def first_divergence(self) -> LayerDiff | None:
-        return next((row for row in self.rows if not row.ok), None)
-
-    def summary(self) -> str:
-        first = self.first_divergence
-        if first is None:
-            return f"{len(self.rows)} quantities within rtol={self.rtol}, atol={self.atol}"
-        return (
-            f"first divergence at {first.layer or '<output>'} ({first.quantity}): "
-            f"max |diff| {first.max_abs:.2e}, relative {first.max_rel:.2e}"
-        )
-
-    def table(self) -> str:
-        headers = ("layer", "quantity", "shape", "max|diff|", "relative", "")
-        first = self.first_divergence
-        rows = [
-            (
-                row.layer or "<output>",
-                row.quantity,
-                "x".join(map(str, row.shape)) or "scalar",
-                f"{row.max_abs:.2e}",
-                f"{row.max_rel:.2e}",
-                ("<-- first divergence" if row is first else "FAIL") if not row.ok else "ok",
-            )
-            for row in self.rows
-        ]
-        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in [headers, *rows]
-        ]
-        if self.unmatched_torch:
-            lines.append(
-                f"torch modules with parameters but no Flax twin: {list(self.unmatched_torch)}"
-            )
-        lines.append(self.summary())
-        return "\n".join(lines)
-
-
-def compare_models(
-    torch_model: torch.nn.Module,
-    flax_model: flax.linen.Module,
-    variables: Mapping[str, Any],
-    x: Any,
-    *,
-    train: bool = False,
-    flax_x: Any = None,
-    flax_kwargs: Mapping[str, Any] | None = None,
-    channels_last: bool = False,
-    gradients: bool = False,
-    rtol: float = 1e-4,
-    atol: float = 1e-4,
-    seed: int = 0,
-) -> ModelReport:
-    """Run a torch model and its Flax port on the same input; compare layer by layer.
-
-    Intermediate outputs are captured with forward hooks on every torch
-    module and ``capture_intermediates`` on the Flax side, and matched by
-    path (torch ``layer1.0.conv1`` <-> Flax ``layer1/0/conv1``, the converter's
-    default rule). Rows come in torch's execution order, so the first row
-    beyond tolerance is the first layer that diverges.
-
-    Args:
-      torch_model: the reference; it is deep-copied, so its buffers and
-        gradients are left as they were.
-      flax_model, variables: the port and its variables.
-      x: the input, in torch's layout (numpy or torch).
-      train: run a training step (torch ``train()``; pass the Flax model's own
-        flag in ``flax_kwargs``, e.g. ``{'train': True}``). Updated running
-        statistics are then compared too.
-      flax_x: the Flax model's input, if it differs from ``x`` (e.g. NHWC).
-      flax_kwargs: extra keyword arguments for the Flax model's ``__call__``.
-      channels_last: Flax activations are (N, ..., C); compare them with
-        torch's (N, C, ...) by moving the last axis to 1.
-      gradients: also compare the gradients of every parameter, through a
-        random upstream gradient on the output.
-      rtol, atol: tolerance per tensor, ``|diff| <= atol + rtol * max|torch|``.
-      seed: for the upstream gradient.
-
-    Returns:
-      A :class:`ModelReport`; ``report.table()`` prints it.
-    """
-    import copy
-
-    torch = import_torch()
-    reference = copy.deepcopy(torch_model).train(train)
-    x_ref = x if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
-    captured: dict[str, list[Any]] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: Any, inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):  # in-place ops later must not change it
-                captured.setdefault(name, []).append(to_numpy(output).copy())
-
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in reference.named_modules()]
-    try:
-        y_ref = reference(x_ref.requires_grad_(False))
-    finally:
-        for handle in handles:
-            handle.remove()
-    to_ref_layout = (
-        (lambda a: np.moveaxis(a, -1, 1) if a.ndim > 2 else a) if channels_last else (lambda a: a)
-    )
-    cotangent = (
-        np.random.default_rng(seed)
-        .standard_normal(tuple(y_ref.shape))
-        .astype(to_numpy(y_ref).dtype)
-    )
-    if gradients:
-        y_ref.backward(to_tensor(cotangent))
-
-    kwargs = dict(flax_kwargs or {})
-    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    params = variables.get("params", {})
-    rest = {k: v for k, v in variables.items() if k != "params"}
-
-    def forward(params: Any) -> tuple[Any, Any]:
-        return flax_model.apply(
-            {"params": params, **rest},
-            x if flax_x is None else flax_x,
-            capture_intermediates=True,
-            mutable=mutable,
-            **kwargs,
-        )
-
-    y_ans, vjp, state = jax.vjp(forward, params, has_aux=True)
-    flax_outputs = {
-        default_torch_path(path[:-1]): value
-        for path, value in flatten_tree(state["intermediates"]).items()
-        if path and path[-1] == "__call__"
-    }
-    flax_outputs[""] = (y_ans,)
-
-    rows: list[LayerDiff] = []
-    for name, outputs in captured.items():
-        if name not in flax_outputs:
-            continue
-        for i, (desired, actual) in enumerate(zip(outputs, flax_outputs[name], strict=False)):
-            quantity = "output" if i == 0 else f"output[{i}]"
-            rows.append(
-                _diff_row(name, quantity, to_ref_layout(np.asarray(actual)), desired, rtol, atol)
-            )
-    order = {name: i for i, name in enumerate(captured)}
-
-    if gradients:
-        (grads,) = vjp(jnp.asarray(to_ref_layout_inverse(cotangent, channels_last)))
-        rows += _compare_trees(
-            from_torch(_grads_as_state(reference), kinds=_module_kinds(reference)),
-            {"params": grads},
-            "grad",
-            order,
-            rtol,
-            atol,
-        )
-    if train and "batch_stats" in state:
-        stats_ref = {"batch_stats": from_torch(reference).get("batch_stats", {})}
-        rows += _compare_trees(
-            stats_ref, {"batch_stats": state["batch_stats"]}, "", order, rtol, atol
-        )
-
-    with_params = {
-        name
-        for name, m in reference.named_modules()
-        if any(True for _ in m.parameters(recurse=False))
-    }
-    return ModelReport(
-        rows=tuple(rows),
-        unmatched_torch=tuple(sorted(with_params - set(flax_outputs))),
-        unmatched_flax=tuple(sorted(set(flax_outputs) - set(captured))),
-        rtol=rtol,
-        atol=atol,
-    )
-
-
-def to_ref_layout_inverse(a: np.ndarray, channels_last: bool) -> np.ndarray:
-    return np.moveaxis(a, 1, -1) if channels_last and a.ndim > 2 else a
-
-
-def _diff_row(
-    layer: str, quantity: str, actual: Any, desired: Any, rtol: float, atol: float
-) -> LayerDiff:
-    """One row; the tolerance scales with the tensor's largest value, since
-    activations and gradients are sums whose rounding follows their scale."""
-    actual, desired = np.asarray(actual), np.asarray(desired)
-    scale = float(np.max(np.abs(desired.astype(np.float64)), initial=0.0))
-    max_abs, failure = compare(actual, desired, rtol=0.0, atol=atol + rtol * scale)
-    relative = max_abs / scale if scale else max_abs
-    return LayerDiff(layer, quantity, tuple(desired.shape), max_abs, relative, not failure, failure)
-
-
-def _compare_trees(
-    desired: Mapping[str, Any],
-    actual: Mapping[str, Any],
-    prefix: str,
-    order: Mapping[str, int],
-    rtol: float,
-    atol: float,
-) -> list[LayerDiff]:
-    """Rows for matching leaves of two variable trees, in execution order of their layers."""
-    flat_desired, flat_actual = flatten_tree(desired), flatten_tree(actual)
-    names = {p.flax: p.torch for kind in LAYERS.values() for p in kind}
-    rows = []
-    for key in sorted(
-        flat_desired, key=lambda k: (order.get(default_torch_path(k[1:-1]), len(order)), k)
-    ):
-        layer = default_torch_path(key[1:-1])
-        torch_name = names.get(key[-1], key[-1])
-        quantity = f"{prefix} {torch_name}".strip()
-        if key not in flat_actual:
-            rows.append(
-                LayerDiff(
-                    layer, quantity, (), math.inf, math.inf, False, "missing on the Flax side"
-                )
-            )
-            continue
-        rows.append(_diff_row(layer, quantity, flat_actual[key], flat_desired[key], rtol, atol))
-    return rows
-
-
-def _grads_as_state(model: torch.nn.Module) -> dict[str, Any]:
-    torch = import_torch()
-    return {
-        name: (p.grad if p.grad is not None else torch.zeros_like(p))
-        for name, p in model.named_parameters()
-    }
-
-
-def _module_kinds(model: torch.nn.Module) -> dict[str, str]:
-    return {
-        name: type(m).__name__
-        for name, m in model.named_modules()
-        if type(m).__name__ in TORCH_MODULES
     }

@@ -1,0 +1,100 @@
+"""The whole-model harness on outputs that are not one tensor."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+
+import jaxbn
+from jaxbn.parity import compare_models
+
+
+class TwoHeads(NamedTuple):
+    logits: Any
+    aux: Any
+
+
+class TorchNet(torch.nn.Module):
+    """Like GoogLeNet: a namedtuple with an auxiliary head in training, a tensor in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.fc = torch.nn.Linear(4, 3)
+        self.aux = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.bn(x)
+        if self.training:
+            return TwoHeads(self.fc(h), {"scores": self.aux(h), "none": None})
+        return self.fc(h)
+
+
+class FlaxNet(nn.Module):
+    aux_scale: float = 1.0  # != 1: a wrong auxiliary head
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> Any:
+        h = jaxbn.BatchNorm1d(name="bn")(x, use_running_average=not train)
+        logits = nn.Dense(3, name="fc")(h)
+        if train:
+            aux = nn.Dense(2, name="aux")(h) * self.aux_scale
+            return TwoHeads(logits, {"scores": aux, "none": None})
+        return logits
+
+
+def run(train: bool, aux_scale: float = 1.0) -> jaxbn.parity.ModelReport:
+    torch.manual_seed(0)
+    model = TorchNet()
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    return compare_models(
+        model,
+        FlaxNet(aux_scale),
+        jaxbn.from_torch(model),
+        x,
+        train=train,
+        flax_kwargs={"train": train},
+        gradients=True,
+    )
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_every_leaf_of_a_pytree_output_is_compared(train):
+    report = run(train)
+    assert report.ok, report.table()
+    outputs = {row.quantity for row in report.rows if row.layer == ""}
+    expected = {"output.logits", "output.aux['scores']"} if train else {"output"}
+    assert outputs == expected
+    grads = {(row.layer, row.quantity) for row in report.rows if row.quantity.startswith("grad")}
+    assert ("aux", "grad weight") in grads if train else ("fc", "grad weight") in grads
+
+
+def test_a_wrong_auxiliary_output_is_the_first_divergence():
+    report = run(train=True, aux_scale=1.5)
+    first = report.first_divergence
+    assert first is not None
+    assert (first.layer, first.quantity) == ("", "output.aux['scores']")
+
+
+def test_a_leaf_the_flax_model_lacks_fails():
+    class Lacking(FlaxNet):
+        def __call__(self, x: jax.Array, train: bool) -> Any:
+            out = super().__call__(x, train)
+            return TwoHeads(out.logits, {"none": None}) if train else out
+
+    torch.manual_seed(0)
+    model = TorchNet()
+    x = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    report = compare_models(
+        model, Lacking(), jaxbn.from_torch(model), x, train=True, flax_kwargs={"train": True}
+    )
+    assert not report.ok
+    assert any(
+        row.quantity == "output.aux['scores']" and row.detail == "missing on the Flax side"
+        for row in report.rows
+    )
