@@ -11,6 +11,14 @@ prints how far apart the running statistics and weights are after each step.
 
 from __future__ import annotations
 
+try:  # what this example needs beyond jaxbn, said before any work starts
+    import optax
+except ModuleNotFoundError as missing:
+    raise SystemExit(
+        f"examples/data_parallel.py needs {missing.name}; install it from the checkout with: "
+        "pip install -e '.[torch,examples]'"
+    ) from None
+
 import os
 
 # Eight host devices; must be set before jax is imported.
@@ -23,7 +31,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

@@ -21,6 +21,16 @@
 
 from __future__ import annotations
 
+try:  # what this example needs beyond jaxbn, said before any work starts
+    import matplotlib  # noqa: F401 (used by save_plot; checked before any work)
+    import optax
+    import torch
+except ModuleNotFoundError as missing:
+    raise SystemExit(
+        f"examples/port_resnet.py needs {missing.name}; install it from the checkout with: "
+        "pip install -e '.[torch,examples]'"
+    ) from None
+
 import argparse
 import copy
 import os
@@ -33,8 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import torch
 from torch import nn
 
 import jaxbn

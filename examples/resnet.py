@@ -112,6 +112,11 @@ class Layer(nn.Module):
         return x
 
 
+def max_pool(x: jax.Array) -> jax.Array:
+    """torch.nn.MaxPool2d(3, 2, padding=1) on NHWC input: the padding is -inf, never 0."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
+
+
 class ResNet(nn.Module):
     block: type[BasicBlock] | type[Bottleneck]
     layers: Sequence[int]
@@ -132,8 +137,7 @@ class ResNet(nn.Module):
             name="conv1",
         )(x)
         x = nn.relu(batch_norm(train, name="bn1")(x))
-        # torch.nn.MaxPool2d(3, 2, padding=1): Flax's max_pool pads with -inf too.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
+        x = max_pool(x)
         in_planes = self.width
         for i, blocks in enumerate(self.layers):
             planes = self.width * 2**i
@@ -155,3 +159,12 @@ def resnet34(**kwargs) -> ResNet:
 
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+if __name__ == "__main__":
+    for build in (resnet18, resnet34, resnet50):
+        shapes = jax.eval_shape(
+            lambda build=build: build().init(jax.random.key(0), jnp.zeros((1, 3, 224, 224)))
+        )
+        count = sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
+        print(f"{build.__name__}: {count / 1e6:.1f}M parameters, torchvision's module names")

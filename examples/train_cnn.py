@@ -10,13 +10,20 @@ variance and ``num_batches_tracked`` follow PyTorch.
 
 from __future__ import annotations
 
+try:  # what this example needs beyond jaxbn, said before any work starts
+    import optax
+except ModuleNotFoundError as missing:
+    raise SystemExit(
+        f"examples/train_cnn.py needs {missing.name}; install it from the checkout with: "
+        "pip install -e '.[torch,examples]'"
+    ) from None
+
 import argparse
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 import jaxbn
 
@@ -72,11 +79,15 @@ def main(steps: int = 50, batch: int = 32) -> dict[str, Any]:
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     @jax.jit
-    def accuracy(params, batch_stats, images, labels):
+    def evaluate(params, batch_stats, images, labels):
         logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
         assert isinstance(logits, jax.Array)
-        return (logits.argmax(-1) == labels).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits.argmax(-1) == labels).mean()
 
+    # One held-out batch, evaluated before and after training: the same data both times.
+    eval_images, eval_labels = synthetic_batch(jax.random.key(1), 256)
+    loss_before, accuracy_before = evaluate(params, batch_stats, eval_images, eval_labels)
     losses = []
     for step in range(steps):
         images, labels = synthetic_batch(jax.random.fold_in(key, step), batch)
@@ -84,11 +95,14 @@ def main(steps: int = 50, batch: int = 32) -> dict[str, Any]:
             params, batch_stats, opt_state, images, labels
         )
         losses.append(float(loss))
-    images, labels = synthetic_batch(jax.random.key(1), 256)
+    loss_after, accuracy_after = evaluate(params, batch_stats, eval_images, eval_labels)
     result = {
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "eval_accuracy": float(accuracy(params, batch_stats, images, labels)),
+        "eval_loss_before": float(loss_before),
+        "eval_loss": float(loss_after),
+        "eval_accuracy_before": float(accuracy_before),
+        "eval_accuracy": float(accuracy_after),
         "num_batches_tracked": int(jnp.asarray(batch_stats["BatchNorm_0"]["num_batches_tracked"])),
     }
     return result
@@ -100,7 +114,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = main(args.steps)
     print(
-        f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} over {args.steps} "
-        f"steps; eval accuracy {result['eval_accuracy']:.2f}; "
-        f"num_batches_tracked {result['num_batches_tracked']}"
+        f"training loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} over "
+        f"{args.steps} steps; held-out loss {result['eval_loss_before']:.3f} -> "
+        f"{result['eval_loss']:.3f}, accuracy {result['eval_accuracy_before']:.2f} -> "
+        f"{result['eval_accuracy']:.2f}; num_batches_tracked {result['num_batches_tracked']}"
     )

@@ -7,7 +7,9 @@ This module depends on jax only: no flax, no torch. Everything else in jaxbn
 
 from __future__ import annotations
 
+import contextvars
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -20,6 +22,11 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# How the API in use selects eval, named in the one-value-per-channel error;
+# the linen and NNX layers set their own.
+EVAL_HINT: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "jaxbn_eval_hint", default="training=False"
+)
 
 
 class BatchStats(NamedTuple):
@@ -197,7 +204,7 @@ def batch_norm(
             "Expected more than 1 value per channel when training, got input "
             f"size {tuple(x.shape)} (channel axis {axis}). A batch of one "
             "sample with no spatial extent has zero variance; train with a "
-            "larger batch, or evaluate with training=False."
+            f"larger batch, or evaluate with {EVAL_HINT.get()}."
         )
     _check_eps(eps, use_batch_stats)
     if x.size == 0:
@@ -627,16 +634,42 @@ def _check_eps(eps: float, use_batch_stats: bool) -> None:
 
 
 def _check_momentum(momentum: float | None) -> None:
+    """Warn, at the user's line, about a momentum that is likely a mistake."""
     if momentum is None:
         return
-    if not 0 <= momentum <= 1 or 0.9 <= momentum < 1:
-        warnings.warn(
+    if not 0 <= momentum <= 1:
+        message = (
+            f"momentum={momentum} is outside [0, 1]. It is the weight of the new "
+            "batch (PyTorch's convention): running = (1 - momentum) * running + "
+            "momentum * batch, which for a momentum outside [0, 1] overshoots and "
+            "can diverge. Use a value in [0, 1], e.g. PyTorch's default 0.1."
+        )
+    elif 0.9 <= momentum < 1:
+        message = (
             f"momentum={momentum} is the weight of the *new* batch in jaxbn "
             "(PyTorch's convention): running = (1 - momentum) * running + "
             "momentum * batch. Flax, Haiku and Keras use the opposite "
             f"convention; their momentum={momentum} is jaxbn's momentum="
             f"{1 - momentum:.6g}. If {momentum} is intended, silence this with "
-            "warnings.filterwarnings.",
-            UserWarning,
-            stacklevel=3,
+            "warnings.filterwarnings."
         )
+    else:
+        return
+    warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+
+
+_LIBRARIES = frozenset({"jaxbn", "jax", "jaxlib", "flax"})
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` in the caller: the first frame outside the libraries.
+
+    So that a warning points at the user's line (a layer's construction, a
+    ``model.init``, a training step), not at jaxbn, Flax or JAX internals.
+    """
+    frame, level = sys._getframe(2), 2  # level 1 is the function that warns
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        _LIBRARIES
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

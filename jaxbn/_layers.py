@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import BatchStats, batch_norm, check_axis
+from ._functional import EVAL_HINT, BatchStats, _check_momentum, batch_norm, check_axis
 
 
 class Layout(NamedTuple):
@@ -115,6 +115,24 @@ class Settings(Protocol):
     @property
     def axis_index_groups(self) -> Sequence[Sequence[int]] | None: ...
 
+    eval_hint: ClassVar[str]  # how this API selects eval, e.g. "use_running_average=True"
+
+
+def check_momentum(momentum: float | None) -> None:
+    """At a layer's initialisation: warn about a Flax-looking or out-of-range momentum.
+
+    The warning points at the user's line that builds or initialises the
+    layer, not at jaxbn, so that it comes before any training step.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     check_momentum(1.5)
+    >>> str(caught[0].message).split(". ")[0]
+    'momentum=1.5 is outside [0, 1]'
+    """
+    _check_momentum(momentum)
+
 
 def normalize(
     settings: Settings,
@@ -129,19 +147,23 @@ def normalize(
 ) -> tuple[jax.Array, BatchStats | None]:
     """One call of a layer: :func:`jaxbn.batch_norm` with the layer's settings."""
     sync = resolve_sync(settings.axis_name, settings.axis_index_groups)
-    return batch_norm(
-        x,
-        stats,
-        scale,
-        bias,
-        training=training,
-        momentum=settings.momentum,
-        eps=settings.eps,
-        axis=axis,
-        axis_name=sync.axis_name,
-        axis_index_groups=sync.axis_index_groups,
-        mask=mask,
-    )
+    token = EVAL_HINT.set(settings.eval_hint)  # the core's errors name this API's argument
+    try:
+        return batch_norm(
+            x,
+            stats,
+            scale,
+            bias,
+            training=training,
+            momentum=settings.momentum,
+            eps=settings.eps,
+            axis=axis,
+            axis_name=sync.axis_name,
+            axis_index_groups=sync.axis_index_groups,
+            mask=mask,
+        )
+    finally:
+        EVAL_HINT.reset(token)
 
 
 def finish(settings: Settings, layer: str, x: jax.Array, axis: int, y: jax.Array) -> jax.Array:

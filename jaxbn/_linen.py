@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from ._functional import BatchStats, batch_norm
-from ._layers import channel_axis, finish, normalize
+from ._layers import channel_axis, check_momentum, finish, normalize
 
 Initializer = Any
 
@@ -37,6 +37,7 @@ class _BatchNormBase(nn.Module):
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
     layer: ClassVar[str]  # the PyTorch layer it mirrors, a key of _layers.LAYOUTS
+    eval_hint: ClassVar[str] = "use_running_average=True"
 
     def _channel_axis(self, x: jax.Array) -> int:
         return channel_axis(self.layer, x, 1)
@@ -92,6 +93,8 @@ class _BatchNormBase(nn.Module):
             }
 
         if self.is_initializing():
+            if self.track_running_stats:
+                check_momentum(self.momentum)
             # Initialisation is not a training step: nothing is counted or
             # reduced across devices, and a tracked layer normalises with its
             # initial statistics (so a single example is fine).

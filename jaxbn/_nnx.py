@@ -16,7 +16,7 @@ from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
 from ._functional import BatchStats
-from ._layers import channel_axis, finish, normalize
+from ._layers import channel_axis, check_momentum, finish, normalize
 
 Initializer = Any
 _STATS = ("mean", "var", "num_batches_tracked")
@@ -26,6 +26,7 @@ class _BatchNormBase(nnx.Module):
     """Construction and ``__call__`` shared by every jaxbn NNX BatchNorm."""
 
     layer: ClassVar[str]
+    eval_hint: ClassVar[str] = "model.eval() (or use_running_average=True)"
     num_features: int
     momentum: float | None
     eps: float
@@ -58,6 +59,7 @@ class _BatchNormBase(nnx.Module):
             nnx.Param(bias_init(key, shape, param_dtype)) if affine and use_bias else nnx.data(None)
         )
         if track_running_stats:
+            check_momentum(momentum)
             initial = BatchStats.create(num_features, param_dtype)
             self.mean = nnx.BatchStat(initial.mean)
             self.var = nnx.BatchStat(initial.var)

@@ -9,10 +9,12 @@ message also names what was received and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import warnings
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 import jaxbn
 from jaxbn.parity import to_torch, variables_of
 
-from .conftest import TORCH_DTYPES
+from .helpers import TORCH_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,15 +292,73 @@ def test_half_stats_with_float32_params_rejected_like_torch():
         )
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.99, 0.999, 1.5, -0.1])
-def test_flax_looking_momentum_warns(momentum):
-    layer = jaxbn.BatchNorm1d(3, momentum=momentum)
+FLAX_LOOKING = (
+    r"momentum={} is the weight of the \*new\* batch .* their momentum={} is jaxbn's momentum={}"
+)
+OUT_OF_RANGE = r"momentum={} is outside \[0, 1\]\. .* Use a value in \[0, 1\]"
+SUSPICIOUS_MOMENTA = {
+    0.9: FLAX_LOOKING.format(0.9, 0.9, 0.1),
+    0.99: FLAX_LOOKING.format(0.99, 0.99, 0.01),
+    0.999: FLAX_LOOKING.format(0.999, 0.999, 0.001),
+    1.5: OUT_OF_RANGE.format(1.5),
+    -0.1: OUT_OF_RANGE.format(-0.1),
+}
+
+
+def test_one_value_error_names_the_eval_argument_of_the_api_in_use():
+    x = jnp.ones((1, 3))
+    with pytest.raises(ValueError, match=r"larger batch, or evaluate with training=False\.$"):
+        jaxbn.batch_norm(x, jaxbn.BatchStats.create(3), training=True, axis=1)
+    linen = jaxbn.BatchNorm1d(3)
+    variables = linen.init(jax.random.key(0), x, use_running_average=True)
+    with pytest.raises(ValueError, match=r"evaluate with use_running_average=True\."):
+        linen.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match=r"evaluate with model\.eval\(\)"):
+        jaxbn.nnx.BatchNorm1d(3)(x)
+    # The layer's hint does not leak into later functional calls.
+    with pytest.raises(ValueError, match=r"evaluate with training=False\.$"):
+        jaxbn.batch_norm(x, None, training=True, axis=1)
+
+
+@pytest.mark.parametrize("momentum", SUSPICIOUS_MOMENTA, ids=str)
+def test_suspicious_momentum_warns_at_init_at_the_users_line(momentum):
+    """At init, before any training step, pointing at this file rather than jaxbn's."""
+    message = SUSPICIOUS_MOMENTA[momentum]
     x = jnp.ones((4, 3))
-    variables = layer.init(jax.random.key(0), x, use_running_average=False)
-    with pytest.warns(
-        UserWarning, match=rf"momentum={momentum} is the weight of the \*new\* batch"
-    ):
-        layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    with pytest.warns(UserWarning, match=message) as linen:
+        jaxbn.BatchNorm1d(3, momentum=momentum).init(
+            jax.random.key(0), x, use_running_average=False
+        )
+    with pytest.warns(UserWarning, match=message) as nnx:
+        jaxbn.nnx.BatchNorm1d(3, momentum=momentum)
+    with pytest.warns(UserWarning, match=message) as functional:
+        jaxbn.batch_norm(x, jaxbn.BatchStats.create(3), training=True, momentum=momentum, axis=1)
+    for caught in (linen, nnx, functional):
+        assert [w.filename for w in caught] == [__file__]
+    assert "their momentum=1.5 is jaxbn's" not in str(linen[0].message)
+
+
+def test_momentum_warning_points_at_the_line_inside_a_users_model():
+    """Through Flax's module machinery and jit: the line that calls the layer."""
+
+    lines = set()
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            lines.add(inspect.currentframe().f_lineno + 1)  # pyright: ignore[reportOptionalMemberAccess]
+            return jaxbn.BatchNorm(momentum=0.9, use_running_average=not train)(x)
+
+    model = Model()
+    x = jnp.arange(12.0).reshape(4, 3)
+    with pytest.warns(UserWarning, match="momentum=0.9") as at_init:
+        variables = model.init(jax.random.key(0), x, train=False)
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    with pytest.warns(UserWarning, match="momentum=0.9") as at_step:
+        step(variables, x)
+    (line,) = lines
+    for caught in (at_init, at_step):
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0, None])

@@ -19,7 +19,7 @@ from jaxbn.parity import (
     torch_step,
 )
 
-from .conftest import assert_close, compare_steps
+from .helpers import assert_close, compare_steps
 
 NNX_CLASSES = {
     "BatchNorm": jaxbn.nnx.BatchNorm,
@@ -147,10 +147,15 @@ def test_nnx_converts_from_and_to_torch():
 
 
 def test_nnx_layer_inside_a_model_converts_by_attribute_path():
+    """Every value lands at its attribute path and comes back bit-exact; the outputs agree."""
+
     class Net(nnx.Module):
         def __init__(self):
             self.conv = nnx.Conv(3, 4, (3, 3), padding="VALID", use_bias=False, rngs=nnx.Rngs(0))
             self.bn = jaxbn.nnx.BatchNorm(4)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
 
     class TorchNet(torch.nn.Module):
         def __init__(self):
@@ -158,7 +163,39 @@ def test_nnx_layer_inside_a_model_converts_by_attribute_path():
             self.conv = torch.nn.Conv2d(3, 4, 3, bias=False)
             self.bn = torch.nn.BatchNorm2d(4)
 
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    ref = TorchNet()
+    with torch.no_grad():  # parameters and statistics that differ from any initialiser
+        ref.bn.weight.uniform_(0.5, 2.0)
+        ref.bn.bias.uniform_(-1.0, 1.0)
+    for _ in range(3):
+        ref(torch.randn(8, 3, 6, 6) * 2 + 1)
     model = Net()
-    jaxbn.nnx.update(model, jaxbn.from_torch(TorchNet(), model))
+    jaxbn.nnx.update(model, jaxbn.from_torch(ref, model))
+    np.testing.assert_array_equal(
+        model.conv.kernel[...], ref.conv.weight.detach().numpy().transpose(2, 3, 1, 0)
+    )
+    for name, torch_name in [("scale", "weight"), ("bias", "bias")]:
+        np.testing.assert_array_equal(
+            getattr(model.bn, name)[...], getattr(ref.bn, torch_name).detach().numpy()
+        )
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(
+            getattr(model.bn, name)[...], getattr(ref.bn, f"running_{name}").numpy()
+        )
+    assert int(model.bn.num_batches_tracked[...]) == 3
+
+    model.eval()
+    ref.eval()
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        y_ref = ref(to_torch(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    assert_close(model(x), y_ref, what="eval output")
+
     state = jaxbn.to_torch(model, TorchNet())
-    assert set(state) == set(TorchNet().state_dict())
+    assert set(state) == set(ref.state_dict())
+    for key, value in ref.state_dict().items():
+        assert torch.equal(state[key], value), key

@@ -25,8 +25,7 @@ from jaxbn.parity import (
     variables_of,
 )
 
-from .conftest import assert_close
-from .test_parity import run_case
+from .helpers import assert_close, run_case
 
 # From zero-mean data to a mean 1e4 standard deviations away.
 OFFSETS = [0.0, 1.0, 3.9, 1e2, 1e3, 1e4]

@@ -7,6 +7,9 @@ eval steps, and compares everything after every step.
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import jax
 import numpy as np
 import optax
@@ -14,23 +17,37 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import parity
-from jaxbn.parity import AFFINE, KINDS, TRACKING, Case, Kind, Options, to_torch, variables_of
+from jaxbn.parity import AFFINE, KINDS, TRACKING, Options, to_torch, variables_of
 
-from .conftest import assert_close
-
-
-def run_case(kind: Kind, options: Options, *, jit: bool) -> None:
-    """10 training steps then 3 eval steps; every quantity compared after each."""
-    result = parity.run_case(Case(kind, options, jit=jit))
-    assert result.passed, "\n".join(result.failures)
-    assert result.max_abs_diff, "nothing was compared"
+from .helpers import assert_close, run_case
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("tracking", TRACKING.values(), ids=TRACKING.keys())
-@pytest.mark.parametrize("affine", AFFINE.values(), ids=AFFINE.keys())
-@pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
+def sweep() -> list[Any]:
+    """Every kind x affine x tracking x eager/jit.
+
+    The fast lane (``-m "not slow"``) keeps every kind with the default
+    options and every option on 2d, jitted; the rest of the sweep is slow
+    (CI runs it all).
+    """
+    params = []
+    for (k, kind), (a, affine), (t, tracking), jit in itertools.product(
+        KINDS.items(), AFFINE.items(), TRACKING.items(), (False, True)
+    ):
+        fast = jit and (k == "2d" or (a == "affine" and t == "momentum=0.1"))
+        params.append(
+            pytest.param(
+                kind,
+                affine,
+                tracking,
+                jit,
+                id=f"{k}-{a}-{t}-{'jit' if jit else 'eager'}",
+                marks=() if fast else pytest.mark.slow,
+            )
+        )
+    return params
+
+
+@pytest.mark.parametrize(("kind", "affine", "tracking", "jit"), sweep())
 def test_train_then_eval_matches_torch(kind, affine, tracking, jit):
     run_case(kind, Options(**affine, **tracking), jit=jit)
 

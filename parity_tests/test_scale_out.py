@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn.parity import to_numpy, to_torch, torch_tensors
 
-from .conftest import assert_close
+from .helpers import assert_close
 
 DEVICES = 8
 C = 3

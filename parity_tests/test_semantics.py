@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +14,7 @@ import torch
 import jaxbn
 from jaxbn.parity import KINDS, Options, jax_step_fn, make_pair, to_torch, torch_step
 
-from .conftest import assert_close, compare_steps
-from .test_parity import run_case
+from .helpers import assert_close, compare_steps, run_case
 
 
 def test_init_is_not_a_training_step():
@@ -269,7 +271,37 @@ def test_counter_must_be_an_integer_array():
         jaxbn.batch_norm(jnp.ones((4, 3)), stats, training=True, axis=1)
 
 
-def test_more_than_int32_values_per_channel_traces():
-    """Counts beyond 2**31 stay exact in the trace (no int32 overflow) without x64."""
-    f = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.BatchStats.create(1), training=True, axis=1))
-    f.trace(jax.ShapeDtypeStruct((2**31 + 7, 1), jnp.float32))
+@pytest.mark.parametrize(
+    ("shape", "devices"),
+    [((2**31 + 7, 1), 1), ((2**16 + 1, 1, 2**15 + 3), 1), ((2**29 + 3, 1), 8)],
+    ids=["one-axis", "two-axes", "over-devices"],
+)
+def test_more_than_int32_values_per_channel_are_counted_exactly(shape, devices):
+    """Counts beyond 2**31 (without x64) never wrap: the count is a Python int, exact.
+
+    Such a batch is too large to run here, so the count is read where the
+    training step takes it: the element count, and the constant it puts
+    into the traced program (float32: the nearest float32 of the count).
+    """
+    from jaxbn._functional import _element_count
+
+    per_device = math.prod(shape) // shape[1]
+    expected = per_device * devices
+    assert expected > 2**31
+    stats = jaxbn.BatchStats.create(1)
+    axis_name = None if devices == 1 else "d"
+
+    def step(x):
+        return jaxbn.batch_norm(x, stats, training=True, axis=1, axis_name=axis_name)
+
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    f = step
+    if devices == 1:
+        assert _element_count(x, 1, None, None) == expected  # type: ignore[arg-type]
+    else:
+        f = jax.vmap(step, axis_name="d", out_axes=(0, None))
+        x = jax.ShapeDtypeStruct((devices, *shape), jnp.float32)
+    program = str(jax.make_jaxpr(f)(x))
+    constants = {float(c) for c in re.findall(r"(?<![\w.])(-?\d{6,}\.\d*)(?=:f32)", program)}
+    assert float(np.float32(expected)) in constants, constants
+    assert all(c > 0 for c in constants), constants

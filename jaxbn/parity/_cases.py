@@ -265,12 +265,17 @@ class CaseResult:
     failures: tuple[str, ...]  # 'step 3 dx: 2.1e-04 at (0, 1, 2, 0)', ...
     seconds: float
 
+    def tolerances(self) -> dict[str, dict[str, float]]:
+        """What each quantity was held to: every element within ``atol + rtol * |torch|``."""
+        return {q: tolerance_of(q, self.case.options.dtype) for q in self.max_abs_diff}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "case": self.case.name,
             "options": dataclasses.asdict(self.case.options),
             "jit": self.case.jit,
             "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerances(),
             "passed": self.passed,
             "failures": list(self.failures),
             "seconds": round(self.seconds, 3),
@@ -334,10 +339,21 @@ def builtin_cases() -> list[Case]:
 
 QUANTITIES = ("y", "dx", "dscale", "dbias", "mean", "var", "num_batches_tracked")
 HEADERS = {"num_batches_tracked": "batches"}
+EXACT = ("num_batches_tracked",)  # integers: compared exactly
+
+
+def tolerance_of(quantity: str, dtype: str) -> dict[str, float]:
+    """``{'rtol', 'atol'}`` a quantity of a case in ``dtype`` is held to."""
+    if quantity in EXACT:
+        return {"rtol": 0.0, "atol": 0.0}
+    return dict(TOLERANCES[dtype])
 
 
 def format_table(results: Iterable[CaseResult]) -> str:
-    """A fixed-width table: one row per case, max |diff| per quantity."""
+    """A fixed-width table: one row per case, max |jaxbn - torch| per quantity.
+
+    A legend under it gives the tolerance each quantity was held to.
+    """
     results = list(results)
     headers = ["case", *(HEADERS.get(q, q) for q in QUANTITIES), "result"]
     rows = [
@@ -356,7 +372,21 @@ def format_table(results: Iterable[CaseResult]) -> str:
             for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
         )
 
-    out = [line(headers), line(["-" * w for w in widths]), *map(line, rows)]
+    # Over the quantity columns: what their numbers are.
+    title = " " * (widths[0] + 2) + "max |jaxbn - torch| over every training and eval step"
+    out = [title, line(headers), line(["-" * w for w in widths]), *map(line, rows)]
+    dtypes = sorted({r.case.options.dtype for r in results})
+    held = "; ".join(
+        f"{dtype}: atol = rtol = {TOLERANCES[dtype]['atol']:g}"
+        if TOLERANCES[dtype]["atol"] == TOLERANCES[dtype]["rtol"]
+        else f"{dtype}: atol = {TOLERANCES[dtype]['atol']:g}, rtol = {TOLERANCES[dtype]['rtol']:g}"
+        for dtype in dtypes
+    )
+    out.append(
+        f"\npass: every element within atol + rtol * |torch| ({held}; "
+        f"{', '.join(HEADERS.get(q, q) for q in EXACT)} exact), so large values may "
+        "differ by more than atol."
+    )
     failed = [r for r in results if not r.passed]
     out.append(f"\n{len(results) - len(failed)} of {len(results)} cases passed.")
     for r in failed:
