@@ -3,6 +3,7 @@
 from . import nnx as nnx
 from ._functional import BatchStats as BatchStats
 from ._functional import batch_norm as batch_norm
+from ._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from ._layers import synchronized as synchronized
 from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d
@@ -11,6 +12,8 @@ from ._linen import BatchNorm3d as BatchNorm3d
 from .convert import from_torch as from_torch
 from .convert import load_checkpoint as load_checkpoint
 from .convert import to_torch as to_torch
+from .port import Ported as Ported
+from .port import port as port
 
 __version__ = "0.1.0"
 
@@ -20,10 +23,13 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchStats",
+    "FrozenBatchNorm2d",
+    "Ported",
     "batch_norm",
     "from_torch",
     "load_checkpoint",
     "nnx",
+    "port",
     "synchronized",
     "to_torch",
 ]

@@ -57,6 +57,13 @@ LAYERS: Mapping[str, tuple[Param, ...]] = {
     "Conv": (Param("weight", "params", "kernel", "spatial-first"), _BIAS),
     "Norm": (Param("weight", "params", "scale", "same"), _BIAS),
     "Embedding": (Param("weight", "params", "embedding", "same"),),
+    # torchvision.ops.FrozenBatchNorm2d: four buffers, none trained, no counter.
+    "FrozenBatchNorm": (
+        Param("weight", "batch_stats", "scale", "same"),
+        Param("bias", "batch_stats", "bias", "same"),
+        Param("running_mean", "batch_stats", "mean", "same"),
+        Param("running_var", "batch_stats", "var", "same"),
+    ),
 }
 
 # torch.nn class names -> layer kind. ConvTranspose weights map to the kernel
@@ -74,6 +81,8 @@ TORCH_MODULES: Mapping[str, str] = {
     "GroupNorm": "Norm",
     "RMSNorm": "Norm",
     "Embedding": "Embedding",
+    "FrozenBatchNorm2d": "FrozenBatchNorm",  # torchvision.ops
+    "FrozenBatchNormAct2d": "FrozenBatchNorm",  # timm.layers
 }
 
 
