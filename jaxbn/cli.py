@@ -100,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench.set_defaults(run=run_bench)
 
+    from .port._cli import add_parser as add_port_parser
+
+    add_port_parser(commands)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -238,11 +238,12 @@ def max_pool(
     p, dil = _tuple(padding, d), _tuple(dilation, d)
     size = input.shape[-d:]
     geometry = [_window_geometry(*g, ceil_mode) for g in zip(size, k, s, p, dil, strict=True)]
-    lowest = -jnp.inf if jnp.issubdtype(input.dtype, jnp.floating) else jnp.iinfo(input.dtype).min
+    floating = jnp.issubdtype(input.dtype, jnp.floating)
+    lowest = -float("inf") if floating else int(jnp.iinfo(input.dtype).min)
     x = _pad_to(input, p, [length for _, length in geometry], lowest)
     return lax.reduce_window(
         x,
-        jnp.asarray(lowest, input.dtype),
+        lowest,  # a Python scalar, so that JAX sees a max-pool it can differentiate
         lax.max,
         (1,) * (x.ndim - d) + k,
         (1,) * (x.ndim - d) + s,
@@ -284,7 +285,7 @@ def avg_pool(
     geometry = [_window_geometry(*g, 1, ceil_mode) for g in zip(size, k, s, p, strict=True)]
     x = _pad_to(input, p, [length for _, length in geometry], 0)
     total = lax.reduce_window(
-        x, jnp.asarray(0, input.dtype), lax.add, (1,) * (x.ndim - d) + k,
+        x, 0.0 if jnp.issubdtype(input.dtype, jnp.floating) else 0, lax.add, (1,) * (x.ndim - d) + k,
         (1,) * (x.ndim - d) + s, "VALID",
     )  # fmt: skip
     if divisor_override:

@@ -116,10 +116,19 @@ class PortedModule(nn.Module):
                 f"the ported module needs {len(program.inputs)} inputs "
                 f"({', '.join(program.inputs)}), got {len(args)}"
             )
+        bound: tuple[dict[Any, Any], dict[str, nn.Module], dict[str, Any]] = ({}, {}, {})
+        if self.is_initializing():
+            # Declare the variables only the other mode uses too (GoogLeNet's
+            # auxiliary heads run in training only); init is never a step.
+            other = self.eval_program if train else self.train_program
+            self._run(other, args, False, bound)
+        return self._run(program, args, train, bound)
+
+    def _run(self, program: Program, args: tuple[Any, ...], train: bool, bound: Any) -> Any:
+        """Run the nodes; ``bound`` caches scopes, layers and bare parameters for this call."""
         env: dict[str, Any] = dict(zip(program.inputs, program.defaults, strict=True))
         env |= dict(zip(program.inputs, args, strict=False))
-        scopes: dict[tuple[str, ...], Any] = {}
-        modules: dict[str, nn.Module] = {}
+        scopes, modules, bare = bound
         layers = dict(self.layers)
 
         def scope(path: tuple[str, ...]) -> Any:
@@ -134,7 +143,6 @@ class PortedModule(nn.Module):
                 modules[path] = layers[path].make(parent=scope(tuple(path.split("."))))
             return modules[path]
 
-        bare: dict[str, Any] = {}
         shapes = {path: (shape, dtype) for path, shape, dtype in self.params}
         rng: Callable[[], Any] = lambda: self.make_rng("dropout")  # noqa: E731
         for node in program.nodes:

@@ -408,6 +408,7 @@ def _timm_rows() -> dict[Any, Any]:
         layers.DropPath: drop_path_module,
         drop.drop_path: TrainAware(f.drop_path),
         layers.Conv2dSame: conv2d_same,
+        layers.Linear: linear,  # nn.Linear with a torchscript-only cast
     }
     return rows
 
