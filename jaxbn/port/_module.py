@@ -140,7 +140,9 @@ class PortedModule(nn.Module):
 
         def layer(path: str) -> nn.Module:
             if path not in modules:
-                modules[path] = layers[path].make(parent=scope(tuple(path.split("."))))
+                # path '' is a module that is a leaf itself: its variables are at the root.
+                where = scope(tuple(path.split("."))) if path else self.scope
+                modules[path] = layers[path].make(parent=where)
             return modules[path]
 
         shapes = {path: (shape, dtype) for path, shape, dtype in self.params}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -95,7 +96,12 @@ def port(
         | timm_modules
     )
     leaf_paths = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
-    autowrap = {k for k in converters if callable(k) and not isinstance(k, type)} | timm_functions
+    # Plain Python functions with a row (stochastic depth, drop path) stay one
+    # call wherever they are called from, not only where fx.wrap registered them.
+    rows = {**table(), **converters}
+    autowrap = {
+        k for k in rows if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
+    } | timm_functions
     graphs = trace(module, leaf_types, leaf_paths, autowrap)
 
     compiler = Compiler(module, converters)
@@ -116,7 +122,13 @@ def port(
         layers=tuple(compiler.layers.items()),
         params=tuple((path, shape, dtype) for path, (shape, dtype) in compiler.params.items()),
     )
-    variables = from_torch(module)
+    variables, report = from_torch(module, strict=False)
+    if not report.ok:
+        raise PortError(
+            "jaxbn.port: jaxbn.from_torch cannot convert this module's tensors (a module "
+            "with its own converter still needs a converter kind for its variables):\n"
+            + report.describe_problems()
+        )
     _check_variables(flax_module, variables, module, example_input)
     return Ported(flax_module, variables)
 

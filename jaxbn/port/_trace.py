@@ -48,6 +48,11 @@ def trace(
                 return True
             return super().is_leaf_module(m, qualname)
 
+    if type(module) in leaf_types:
+        # The whole module is one leaf (a bare Conv2d): one call at path ''.
+        graph = torch.fx.Graph()
+        graph.output(graph.call_module("", (graph.placeholder("input"),)))
+        return {True: graph, False: graph}
     modes = [(m, m.training) for m in module.modules()]
     graphs = {}
     try:
@@ -254,9 +259,12 @@ def _namedtuple(cls: type) -> Callable[..., Any]:
 
 
 def _qualname(target: Any) -> str:
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
-    return f"{module}.{name}" if module else name
+    from torch.fx.node import _get_qualified_name
+
+    try:
+        return _get_qualified_name(target)
+    except Exception:  # not every callable has a qualified name
+        return repr(target)
 
 
 def _user_module_converter(fn: Callable[[Any], Any]) -> Callable[[Any, Any], Layer]:
