@@ -1,9 +1,9 @@
 """jaxbn: BatchNorm for JAX and Flax that is exactly PyTorch's."""
 
 from . import nnx as nnx
+from ._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from ._functional import BatchStats as BatchStats
 from ._functional import batch_norm as batch_norm
-from ._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from ._layers import synchronized as synchronized
 from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d

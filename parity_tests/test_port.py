@@ -6,6 +6,7 @@ The whole torchvision/timm models are in test_port_models.py.
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -82,9 +83,21 @@ def test_pooling_matches_torch(name):
 OPS = {
     "chunk uneven": lambda x: torch.cat([x.chunk(2, dim=3)[0][..., :5], x.chunk(2, 3)[1] * 2], 1),
     "split sections": lambda x: torch.split(x, [1, 2], dim=1)[1],
-    "channel shuffle": lambda x: torch.transpose(x.view(2, 3, 1, 9, 11), 1, 2).contiguous().view(2, -1, 9, 11),
+    "channel shuffle": lambda x: (
+        torch.transpose(x.view(2, 3, 1, 9, 11), 1, 2).contiguous().view(2, -1, 9, 11)
+    ),
     "flatten view mean": lambda x: x.flatten(1).view(x.size(0), -1, 11).mean(-1, keepdim=True),
-    "activations": lambda x: F.hardswish(x) + F.hardsigmoid(x) + F.relu6(x * 4) + F.silu(x) + F.gelu(x) + F.gelu(x, approximate="tanh") + F.mish(x) + F.leaky_relu(x, 0.2) + F.elu(x),
+    "activations": lambda x: (
+        F.hardswish(x)
+        + F.hardsigmoid(x)
+        + F.relu6(x * 4)
+        + F.silu(x)
+        + F.gelu(x)
+        + F.gelu(x, approximate="tanh")
+        + F.mish(x)
+        + F.leaky_relu(x, 0.2)
+        + F.elu(x)
+    ),
     "pad reflect": lambda x: F.pad(x, (1, 2, 2, 1), mode="reflect"),
     "pad crop": lambda x: F.pad(x, (-1, 2, 0, -3), value=0.5),
     "softmax sum": lambda x: torch.softmax(x, dim=1).sum(dim=(2, 3)),
@@ -157,8 +170,9 @@ class Norms(torch.nn.Module):
 def randomised_norms() -> Norms:
     torch.manual_seed(0)
     model = Norms()
+    modules = cast("list[Any]", list(model.modules()))
     with torch.no_grad():
-        for m in model.modules():
+        for m in modules:
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 if m.affine:
                     m.weight.uniform_(0.5, 1.5)
@@ -174,7 +188,7 @@ def randomised_norms() -> Norms:
 def test_every_batch_norm_keeps_its_own_options(train):
     model = randomised_norms()
     ported = jaxbn.port(model, torch.from_numpy(X))
-    layers = dict(ported.module.layers)
+    layers: dict[str, Any] = dict(ported.module.layers)
     assert layers["bn_cumulative"].make.keywords["momentum"] is None
     assert layers["bn_cumulative"].make.keywords["eps"] == 1e-3
     assert layers["bn1d"].make.func is jaxbn.BatchNorm1d
@@ -268,7 +282,7 @@ def test_converters_fill_the_gaps():
         model,
         X,
         converters={
-            torch.nn.Softsign: lambda m: (lambda x: x / (1 + jnp.abs(x))),
+            torch.nn.Softsign: lambda m: lambda x: x / (1 + jnp.abs(x)),
             torch.erf: jax.scipy.special.erf,
             "cumsum": lambda self, dim: jnp.cumsum(self, axis=dim),
         },
@@ -315,8 +329,8 @@ def test_untraceable_module_gets_fx_reason_and_the_fix():
 class AddsToBatchNorm(torch.nn.BatchNorm2d):
     """A subclass with extra behaviour must not be ported as a plain BatchNorm."""
 
-    def forward(self, x):
-        return super().forward(x) + 1
+    def forward(self, input):
+        return super().forward(input) + 1
 
 
 def test_dispatch_is_on_the_exact_class():
@@ -426,4 +440,4 @@ def test_train_aware_converter_gets_the_flag():
     ported = jaxbn.port(Noise(), torch.from_numpy(X), converters={operator.add: TrainAware(noisy)})
     np.testing.assert_array_equal(ported.module.apply({}, X, train=False), X)
     y = ported.module.apply({}, X, train=True, rngs={"dropout": jax.random.key(1)})
-    assert not np.allclose(y, X)
+    assert not np.allclose(np.asarray(y), X)

@@ -72,7 +72,9 @@ def build(spec: str) -> Any:
     """The torch module that ``MODULE:FACTORY`` names (called with no arguments)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise UsageError(f"expected MODULE:FACTORY such as torchvision.models:resnet18, got {spec!r}")
+        raise UsageError(
+            f"expected MODULE:FACTORY such as torchvision.models:resnet18, got {spec!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -157,7 +159,9 @@ def _count(variables: dict[str, Any]) -> str:
     parts = []
     for collection, tree in variables.items():
         leaves = jax.tree.leaves(tree)
-        parts.append(f"{collection} {len(leaves)} arrays, {sum(leaf.size for leaf in leaves):,} values")
+        parts.append(
+            f"{collection} {len(leaves)} arrays, {sum(leaf.size for leaf in leaves):,} values"
+        )
     return "; ".join(parts)
 
 

@@ -340,7 +340,9 @@ def adaptive_max_pool(
     return x
 
 
-def pad(input: Array, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Array:
+def pad(
+    input: Array, pad: Sequence[int], mode: str = "constant", value: float | None = None
+) -> Array:
     """``F.pad``: ``pad`` pairs from the last axis backwards; negative pads crop."""
     modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
     widths = [(0, 0)] * input.ndim
@@ -349,9 +351,7 @@ def pad(input: Array, pad: Sequence[int], mode: str = "constant", value: float |
     grow = [(max(lo, 0), max(hi, 0)) for lo, hi in widths]
     kwargs = {"constant_values": 0 if value is None else value} if mode == "constant" else {}
     x = jnp.pad(input, grow, mode=modes[mode], **kwargs)  # type: ignore[arg-type]
-    crop = tuple(
-        slice(-min(lo, 0), x.shape[i] + min(hi, 0)) for i, (lo, hi) in enumerate(widths)
-    )
+    crop = tuple(slice(-min(lo, 0), x.shape[i] + min(hi, 0)) for i, (lo, hi) in enumerate(widths))
     return x[crop]
 
 
@@ -433,9 +433,7 @@ def size(input: Array, dim: int | None = None) -> Any:
 def expand(input: Array, *sizes: Any) -> Array:
     shape = _shape_args(sizes)
     lead = len(shape) - input.ndim
-    full = tuple(
-        (input.shape[i - lead] if s == -1 else s) for i, s in enumerate(shape)
-    )
+    full = tuple((input.shape[i - lead] if s == -1 else s) for i, s in enumerate(shape))
     return jnp.broadcast_to(input, full)
 
 
@@ -451,7 +449,7 @@ def identity(input: Any, *args: Any, **kwargs: Any) -> Any:
     return input
 
 
-def clamp(input: Array, min: Any = None, max: Any = None) -> Array:  # noqa: A002 (torch's names)
+def clamp(input: Array, min: Any = None, max: Any = None) -> Array:
     return jnp.clip(input, min, max)
 
 

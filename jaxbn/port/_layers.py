@@ -8,7 +8,7 @@ stay (N, C, ...) as in torch. Depends on jax and flax only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -89,7 +89,9 @@ class Linear(nn.Module):
         )
         y = x @ kernel
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.out_features,), self.param_dtype)
+            y = y + self.param(
+                "bias", nn.initializers.zeros, (self.out_features,), self.param_dtype
+            )
         return y
 
 

@@ -135,7 +135,7 @@ class PortedModule(nn.Module):
             if path not in scopes:
                 parent = scope(path[:-1]) if len(path) > 1 else self.scope
                 assert parent is not None
-                scopes[path] = parent.push(path[-1], reuse=True)
+                scopes[path] = parent.push(path[len(path) - 1], reuse=True)
             return scopes[path]
 
         def layer(path: str) -> nn.Module:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import functools
+import importlib
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -106,7 +107,9 @@ def linear(m: Any, child: Any) -> Layer:
 def batch_norm(m: Any, child: Any, layer: str | None = None) -> Layer:
     """A jaxbn BatchNorm with this module's own momentum, eps, affine, tracking."""
     layer = layer or type(m).__name__
-    cls = getattr(_linen, layer if layer in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") else "BatchNorm")
+    cls = getattr(
+        _linen, layer if layer in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") else "BatchNorm"
+    )
     extra = {} if cls is not _linen.BatchNorm else {"axis": 1}
     tensor = m.weight if m.weight is not None else m.running_mean
     return Layer(
@@ -145,7 +148,7 @@ def frozen_batch_norm_act(m: Any, child: Any) -> Layer:
     return Layer(functools.partial(Composite, first, children), train_call)
 
 
-def conv2d_same(m: Any, child: Any) -> Layer:
+def conv2d_same_module(m: Any, child: Any) -> Layer:
     """timm's Conv2dSame: TensorFlow 'SAME' padding from the input size, then a conv."""
     inner = conv(m, child)
     k, s, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
@@ -257,10 +260,25 @@ def table() -> dict[Any, Any]:
         nn.LogSoftmax: softmax_module(f.log_softmax),
         nn.Dropout: _dropout(f.dropout),
         nn.Dropout2d: _dropout(f.dropout2d),
-        nn.MaxPool1d: _pool(f.max_pool, 1, "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-        nn.MaxPool2d: _pool(f.max_pool, 2, "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-        nn.AvgPool1d: _pool(f.avg_pool, 1, "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-        nn.AvgPool2d: _pool(f.avg_pool, 2, "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+        nn.MaxPool1d: _pool(
+            f.max_pool, 1, "kernel_size", "stride", "padding", "dilation", "ceil_mode"
+        ),
+        nn.MaxPool2d: _pool(
+            f.max_pool, 2, "kernel_size", "stride", "padding", "dilation", "ceil_mode"
+        ),
+        nn.AvgPool1d: _pool(
+            f.avg_pool, 1, "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"
+        ),
+        nn.AvgPool2d: _pool(
+            f.avg_pool,
+            2,
+            "kernel_size",
+            "stride",
+            "padding",
+            "ceil_mode",
+            "count_include_pad",
+            "divisor_override",
+        ),
         nn.AdaptiveAvgPool1d: _pool(f.adaptive_avg_pool, 1, "output_size"),
         nn.AdaptiveAvgPool2d: _pool(f.adaptive_avg_pool, 2, "output_size"),
         nn.AdaptiveMaxPool2d: _pool(f.adaptive_max_pool, 2, "output_size"),
@@ -376,7 +394,12 @@ def table() -> dict[Any, Any]:
     for name in ("add", "sub", "mul", "div", "sigmoid", "relu", "clamp", "pow", "tanh"):
         rows[f"{name}_"] = rows[name]
     # Aliases torch keeps for the same functions.
-    for name in ("max_pool1d_with_indices", "max_pool2d_with_indices", "_max_pool1d", "_max_pool2d"):
+    for name in (
+        "max_pool1d_with_indices",
+        "max_pool2d_with_indices",
+        "_max_pool1d",
+        "_max_pool2d",
+    ):
         if hasattr(F, name):
             rows[getattr(F, name)] = rows[F.max_pool2d if "2d" in name else F.max_pool1d]
     rows |= _torchvision_rows()
@@ -398,17 +421,20 @@ def _torchvision_rows() -> dict[Any, Any]:
 
 def _timm_rows() -> dict[Any, Any]:
     try:
-        import timm.layers as layers
         from timm.layers import drop, norm_act
+        from timm.layers import linear as timm_linear
+
+        # the module, which timm.layers shadows with its function of the same name
+        same = importlib.import_module("timm.layers.conv2d_same")
     except ImportError:
         return {}
     rows: dict[Any, Any] = {
         norm_act.BatchNormAct2d: batch_norm_act,
         norm_act.FrozenBatchNormAct2d: frozen_batch_norm_act,
-        layers.DropPath: drop_path_module,
+        drop.DropPath: drop_path_module,
         drop.drop_path: TrainAware(f.drop_path),
-        layers.Conv2dSame: conv2d_same,
-        layers.Linear: linear,  # nn.Linear with a torchscript-only cast
+        same.Conv2dSame: conv2d_same_module,
+        timm_linear.Linear: linear,  # nn.Linear with a torchscript-only cast
     }
     return rows
 

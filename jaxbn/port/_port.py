@@ -100,7 +100,9 @@ def port(
     # call wherever they are called from, not only where fx.wrap registered them.
     rows = {**table(), **converters}
     autowrap = {
-        k for k in rows if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
+        k
+        for k in rows
+        if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
     } | timm_functions
     graphs = trace(module, leaf_types, leaf_paths, autowrap)
 
@@ -143,9 +145,7 @@ def _check_variables(
 ) -> None:
     """The Flax module declares exactly the converter's variables (names, shapes, dtypes)."""
     inputs = _as_inputs(example_input)
-    shapes = jax.eval_shape(
-        lambda: flax_module.init(jax.random.key(0), *inputs, train=False)
-    )
+    shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs, train=False))
     _, report = from_torch(module, shapes, strict=False)
     if not report.ok:
         raise PortError(

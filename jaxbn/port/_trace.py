@@ -43,10 +43,10 @@ def trace(
     import torch.fx
 
     class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: Any, qualname: str) -> bool:
-            if type(m) in leaf_types or qualname in leaf_paths:
+        def is_leaf_module(self, m: Any, module_qualified_name: str) -> bool:
+            if type(m) in leaf_types or module_qualified_name in leaf_paths:
                 return True
-            return super().is_leaf_module(m, qualname)
+            return super().is_leaf_module(m, module_qualified_name)
 
     if type(module) in leaf_types:
         # The whole module is one leaf (a bare Conv2d): one call at path ''.
@@ -123,7 +123,7 @@ class Compiler:
                 f"{path or '<root>'}: module {_name(cls)} has no converter. Give one: "
                 f"converters={{{cls.__name__}: fn}} with fn(module) -> flax.linen Module"
                 + ("" if cls.__module__.startswith("torch.nn") else
-                   f", or let FX trace into it (it is a leaf because of leaves= or timm)")
+                   ", or let FX trace into it (it is a leaf because of leaves= or timm)")
             )  # fmt: skip
             return None
 
@@ -221,6 +221,7 @@ def _refs(value: Any) -> Any:
     """fx arguments with Nodes replaced by Refs and torch dtypes by jax's."""
     import torch
     import torch.fx
+    from torch.fx.node import map_aggregate
 
     def convert(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
@@ -229,7 +230,7 @@ def _refs(value: Any) -> Any:
             return jnp.dtype(str(a).removeprefix("torch."))
         return a
 
-    return torch.fx.node.map_aggregate(value, convert)
+    return map_aggregate(value, convert)
 
 
 def _first_ref(args: tuple[Any, ...]) -> str | None:
