@@ -170,10 +170,10 @@ class Norms(torch.nn.Module):
 def randomised_norms() -> Norms:
     torch.manual_seed(0)
     model = Norms()
-    modules = cast("list[Any]", list(model.modules()))
     with torch.no_grad():
-        for m in modules:
-            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+        for module in model.modules():
+            m = cast(Any, module)  # BatchNorm, FrozenBatchNorm2d, Dropout alike
+            if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 if m.affine:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_()

@@ -111,11 +111,11 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     def normal(t: torch.Tensor, std: float) -> None:
         t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
 
-    modules = cast("list[Any]", list(model.modules()))
     with torch.no_grad():
-        for m in modules:
+        for module in model.modules():
+            m = cast(Any, module)  # BatchNorm, FrozenBatchNorm2d, Dropout alike
             if isinstance(
-                m, (torch.nn.modules.batchnorm._NormBase, torchvision.ops.FrozenBatchNorm2d)
+                module, (torch.nn.modules.batchnorm._NormBase, torchvision.ops.FrozenBatchNorm2d)
             ):
                 uniform(m.weight, 0.5, 1.5)
                 normal(m.bias, 0.2)
@@ -123,7 +123,7 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 uniform(m.running_var, 0.5, 1.5)
                 if getattr(m, "num_batches_tracked", None) is not None:
                     m.num_batches_tracked.fill_(7)
-            if isinstance(m, torch.nn.Dropout) or type(m) is torchvision.ops.StochasticDepth:
+            if isinstance(module, torch.nn.Dropout) or type(module) is torchvision.ops.StochasticDepth:
                 m.p = 0.0
             if hasattr(m, "drop_rate"):  # DenseNet's functional dropout
                 m.drop_rate = 0.0
