@@ -51,7 +51,8 @@ class Fn(torch.nn.Module):
         return self.fn(x)
 
 
-X = np.random.default_rng(0).standard_normal((2, 3, 9, 11)).astype(np.float32)
+# Odd and even sizes where floor and ceil pooling differ (10 = 2*3.5+3, 13).
+X = np.random.default_rng(0).standard_normal((2, 3, 10, 13)).astype(np.float32)
 
 POOLS = {
     "max k3 s2 ceil": torch.nn.MaxPool2d(3, 2, ceil_mode=True),
@@ -81,12 +82,12 @@ def test_pooling_matches_torch(name):
 
 
 OPS = {
-    "chunk uneven": lambda x: torch.cat([x.chunk(2, dim=3)[0][..., :5], x.chunk(2, 3)[1] * 2], 1),
+    "chunk uneven": lambda x: torch.cat([x.chunk(2, dim=3)[0][..., :6], x.chunk(2, 3)[1] * 2], 1),
     "split sections": lambda x: torch.split(x, [1, 2], dim=1)[1],
     "channel shuffle": lambda x: (
-        torch.transpose(x.view(2, 3, 1, 9, 11), 1, 2).contiguous().view(2, -1, 9, 11)
+        torch.transpose(x.view(2, 3, 1, 10, 13), 1, 2).contiguous().view(2, -1, 10, 13)
     ),
-    "flatten view mean": lambda x: x.flatten(1).view(x.size(0), -1, 11).mean(-1, keepdim=True),
+    "flatten view mean": lambda x: x.flatten(1).view(x.size(0), -1, 13).mean(-1, keepdim=True),
     "activations": lambda x: (
         F.hardswish(x)
         + F.hardsigmoid(x)
