@@ -83,7 +83,7 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     "efficientnet_v2_s": (_torchvision("efficientnet_v2_s"), (4, 3, 32, 32)),
     "regnet_x_400mf": (_torchvision("regnet_x_400mf"), (4, 3, 64, 64)),
     "regnet_y_400mf": (_torchvision("regnet_y_400mf"), (4, 3, 64, 64)),
-    "densenet121": (_torchvision("densenet121"), (4, 3, 32, 32)),
+    "densenet121": (_torchvision("densenet121"), (4, 3, 64, 64)),
     "shufflenet_v2_x1_0": (_torchvision("shufflenet_v2_x1_0"), (4, 3, 64, 64)),
     "mnasnet0_5": (_torchvision("mnasnet0_5"), (4, 3, 32, 32)),
     "vgg11_bn": (_small_vgg, (4, 3, 32, 32)),
