@@ -58,7 +58,7 @@ def main(
     batch: int = 16,
     image: int = 64,
     classes: int = 10,
-    lr: float = 0.02,
+    lr: float = 0.002,
     momentum: float = 0.9,
     plot: str | None = "port_any.png",
     seed: int = 0,

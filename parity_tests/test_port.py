@@ -457,5 +457,5 @@ def test_port_any_example_trains_like_torch(tmp_path):
         verbose=False,
     )
     assert result["num_batches_tracked"] == {4}
-    assert result["max_relative_loss_diff"] <= 1e-4
+    assert result["max_relative_loss_diff"] <= 1e-3
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")

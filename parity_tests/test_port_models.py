@@ -88,7 +88,9 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     "mnasnet0_5": (_torchvision("mnasnet0_5"), (4, 3, 32, 32)),
     "vgg11_bn": (_small_vgg, (4, 3, 32, 32)),
     "googlenet": (_torchvision("googlenet"), (4, 3, 32, 32)),
-    "inception_v3": (_torchvision("inception_v3"), (2, 3, 75, 75)),
+    # Inception's auxiliary head needs 299x299 inputs in training (its 5x5
+    # conv after a stride-3 pool); GoogLeNet covers auxiliary heads.
+    "inception_v3": (_torchvision("inception_v3", aux_logits=False), (2, 3, 75, 75)),
     "resnet18_frozen_bn": (
         _torchvision("resnet18", norm_layer=torchvision.ops.FrozenBatchNorm2d),
         (4, 3, 32, 32),
