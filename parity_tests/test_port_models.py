@@ -125,7 +125,10 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 uniform(m.running_var, 0.5, 1.5)
                 if getattr(m, "num_batches_tracked", None) is not None:
                     m.num_batches_tracked.fill_(7)
-            if isinstance(module, torch.nn.Dropout) or type(module) is torchvision.ops.StochasticDepth:
+            if (
+                isinstance(module, torch.nn.Dropout)
+                or type(module) is torchvision.ops.StochasticDepth
+            ):
                 m.p = 0.0
             if hasattr(m, "drop_rate"):  # DenseNet's functional dropout
                 m.drop_rate = 0.0
