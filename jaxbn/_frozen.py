@@ -21,6 +21,8 @@ class FrozenBatchNorm2d(nn.Module):
         bias = bias - running_mean * scale
         y = x * scale + bias
 
+    (``rsqrt`` as ``1 / sqrt``: bit-identical to torch's CPU result.)
+
     All four live in ``batch_stats`` (torch registers them as buffers), so
     an optimizer over ``params`` never touches them; there is no
     ``num_batches_tracked``. The output dtype is the promotion of the
