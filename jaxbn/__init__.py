@@ -1,6 +1,7 @@
 """jaxbn: BatchNorm for JAX and Flax that is exactly PyTorch's."""
 
 from . import nnx as nnx
+from ._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from ._functional import BatchStats as BatchStats
 from ._functional import batch_norm as batch_norm
 from ._layers import synchronized as synchronized
@@ -13,6 +14,8 @@ from .convert import Report as Report
 from .convert import from_torch as from_torch
 from .convert import load_checkpoint as load_checkpoint
 from .convert import to_torch as to_torch
+from .port import Ported as Ported
+from .port import port as port
 
 __version__ = "0.1.0"
 
@@ -23,11 +26,14 @@ __all__ = [
     "BatchNorm3d",
     "BatchStats",
     "ConversionError",
+    "FrozenBatchNorm2d",
+    "Ported",
     "Report",
     "batch_norm",
     "from_torch",
     "load_checkpoint",
     "nnx",
+    "port",
     "synchronized",
     "to_torch",
 ]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import importlib
 import math
 import os
 import resource
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxbn
+from jaxbn._torch import optional_torch
 
 MODES = ("eval", "train", "train+grad")
 LAYOUTS = ("nchw", "nhwc")
@@ -163,9 +163,8 @@ def _donating_runner(f: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Runn
 def _torch_contenders(
     shape: tuple[int, ...], layout: str, mode: str
 ) -> dict[str, tuple[Runner, float]]:
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
+    torch = optional_torch()
+    if torch is None:
         return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
@@ -427,9 +426,10 @@ def environment(*, with_torch: bool = True) -> Mapping[str, str]:
         "page faults": "kept off (freed memory reused)" if keep_freed_memory() else "counted",
     }
     if with_torch:
-        try:
-            torch = importlib.import_module("torch")
-            info["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
-        except ImportError:
-            info["torch"] = "not installed"
+        torch = optional_torch()
+        info["torch"] = (
+            "not installed"
+            if torch is None
+            else f"{torch.__version__} ({torch.get_num_threads()} threads)"
+        )
     return info

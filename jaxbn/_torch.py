@@ -27,6 +27,14 @@ def import_torch() -> Any:
         ) from error
 
 
+def optional_torch() -> Any:
+    """torch, or None where it is not installed (for tools that can do without it)."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        return None
+
+
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A view of ``tensor`` as numpy; bfloat16 becomes ``ml_dtypes.bfloat16``.
 

@@ -364,24 +364,31 @@ def is_factory(spec: str) -> bool:
     """``package.module:function`` rather than a file name."""
     module, sep, function = spec.partition(":")
     return (
-        bool(sep) and module.replace(".", "").replace("_", "").isalnum() and function.isidentifier()
+        bool(sep)
+        and module.replace(".", "").replace("_", "").isalnum()
+        and all(part.isidentifier() for part in function.split("."))
     )
 
 
 def build_model(spec: str) -> Any:
-    """The torch module that ``MODULE:FUNCTION`` builds, or a one-line refusal."""
+    """The torch module that ``MODULE:FUNCTION`` builds, or a one-line refusal.
+
+    ``FUNCTION`` may be a dotted attribute path, or a module instance itself.
+    """
     import importlib
 
     module_name, _, function = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), function)
+        factory: Any = importlib.import_module(module_name)
+        for part in function.split("."):
+            factory = getattr(factory, part)
     except (ImportError, AttributeError) as error:
         raise CommandError(
             f"cannot build {spec}: {error}; check the names (python -c 'import {module_name}')",
             USAGE,
         ) from None
     try:
-        model = factory()
+        model = factory if hasattr(factory, "state_dict") else factory()
     except TypeError as error:
         raise CommandError(
             f"cannot build {spec}: {error}; give a function that builds the model with no "
@@ -636,10 +643,13 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+from .port._cli import add_parser as add_port  # noqa: E402  (the port's own module)
+
 SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (
     add_parity,
     add_convert,
     add_inspect,
+    add_port,
     add_bench,
 )
 

@@ -128,7 +128,7 @@ SPECS: tuple[LayerSpec, ...] = (
             Tensor("running_mean", "batch_stats", "mean", ranks=_VECTOR),
             Tensor("running_var", "batch_stats", "var", ranks=_VECTOR),
         ),
-        ("FrozenBatchNorm2d",),
+        ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"),  # torchvision's, timm's
         settings=("eps",),
         inferred=False,  # its tensors are an old BatchNorm checkpoint's too
     ),

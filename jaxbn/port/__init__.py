@@ -1,0 +1,13 @@
+"""torch.nn.Module -> flax.linen Module, with the torch module's own variables.
+
+torch is imported only when :func:`port` runs.
+"""
+
+from ._layers import Layer as Layer
+from ._module import PortedModule as PortedModule
+from ._ops import TrainAware as TrainAware
+from ._port import Ported as Ported
+from ._port import port as port
+from ._trace import PortError as PortError
+
+__all__ = ["Layer", "PortError", "Ported", "PortedModule", "TrainAware", "port"]

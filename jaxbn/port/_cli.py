@@ -1,0 +1,160 @@
+"""``jaxbn port MODULE:FACTORY --input 1,3,224,224``: port, prove it, save the variables."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import pathlib
+import sys
+from typing import Any
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``port`` subcommand to ``jaxbn``'s subparsers."""
+    parser = commands.add_parser(
+        "port",
+        help="port a torch model to Flax and check it layer by layer",
+        description=(
+            "Build the torch model MODULE:FACTORY (e.g. torchvision.models:resnet50; "
+            "called with no arguments, so torchvision builds weights=None), load "
+            "--checkpoint if given (strictly), port it with jaxbn.port, and compare "
+            "torch and the port layer by layer on a random input of shape --input: "
+            "in eval, and in one training step (outputs, every parameter gradient and "
+            "running statistic; dropout probabilities set to 0, as random masks "
+            "differ). Prints the first divergence and exits 1 if there is one; "
+            "writes the variables (Flax msgpack) to -o."
+        ),
+    )
+    parser.add_argument("model", metavar="MODULE:FACTORY")
+    parser.add_argument(
+        "--input", required=True, metavar="N,C,H,W", help="input shape, e.g. 1,3,224,224"
+    )
+    parser.add_argument("--checkpoint", type=pathlib.Path, metavar="FILE")
+    parser.add_argument("-o", "--output", type=pathlib.Path, metavar="VARS")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-3,
+        help="per tensor, relative to its largest value (default 1e-3: float32 "
+        "training steps of deep nets differ from torch by ~1e-4)",
+    )
+    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--table", action="store_true", help="print every row of the reports")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run)
+    return parser
+
+
+class UsageError(Exception):
+    """A mistake in the command line (exit 2)."""
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as error:
+        print(f"jaxbn: {error}", file=sys.stderr)
+        return 2
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        raise UsageError(f"--input expects positive integers like 1,3,224,224, got {text!r}")
+    return shape
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..cli import USAGE, CommandError, build_model
+
+    shape = _shape(args.input)
+    if not (":" in args.model and args.model.partition(":")[2]):
+        raise CommandError(
+            f"expected MODULE:FACTORY such as torchvision.models:resnet18, got {args.model!r}",
+            USAGE,
+        )
+    model = build_model(args.model)
+    import numpy as np
+    import torch
+
+    from ..convert import CheckpointError, load_checkpoint, save_variables
+    from ..parity import compare_models
+    from . import PortError, port
+
+    if args.checkpoint is not None:
+        try:
+            state = load_checkpoint(args.checkpoint)
+        except CheckpointError as error:
+            print(f"jaxbn: {error}", file=sys.stderr)
+            return 1
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            print(f"jaxbn: {args.checkpoint} does not fit {args.model}: {error}", file=sys.stderr)
+            return 1
+    x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+    # Compare with dropout off: torch's and JAX's random masks cannot agree.
+    quiet = copy.deepcopy(model)
+    for m in quiet.modules():
+        if isinstance(getattr(m, "p", None), float) and "Drop" in type(m).__name__:
+            m.p = 0.0
+        if isinstance(getattr(m, "drop_prob", None), float):
+            m.drop_prob = 0.0
+    try:
+        ported = port(model, torch.from_numpy(x))
+        checked = port(quiet, torch.from_numpy(x))
+    except PortError as error:
+        print(f"jaxbn: {error}", file=sys.stderr)
+        return 1
+    print(f"ported {args.model}: {_count(ported.variables)}")
+    failed = False
+    for train in (False, True):
+        mode = "training step" if train else "eval"
+        try:
+            report = compare_models(
+                quiet,
+                checked.module,
+                checked.variables,
+                x,
+                train=train,
+                flax_kwargs={"train": train},
+                gradients=train,
+                rtol=args.rtol,
+                atol=args.atol,
+            )
+        except Exception as error:  # e.g. an output structure the harness cannot compare
+            print(f"jaxbn: the {mode} comparison could not run: {type(error).__name__}: {error}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"\n{mode}: {report.summary()}")
+        if args.table or not report.ok:
+            rows = report.table().splitlines()
+            print("\n".join(rows if args.table else _around_first(rows)))
+        failed |= not report.ok
+    if args.output is not None:
+        save_variables(args.output, ported.variables)
+        print(f"\nwrote {args.output}")
+    return 1 if failed else 0
+
+
+def _count(variables: dict[str, Any]) -> str:
+    import jax
+
+    parts = []
+    for collection, tree in variables.items():
+        leaves = jax.tree.leaves(tree)
+        parts.append(
+            f"{collection} {len(leaves)} arrays, {sum(leaf.size for leaf in leaves):,} values"
+        )
+    return "; ".join(parts)
+
+
+def _around_first(rows: list[str]) -> list[str]:
+    """The header, a few rows before the first divergence, and a few after."""
+    at = next((i for i, row in enumerate(rows) if "first divergence" in row), None)
+    if at is None:
+        return rows[:1] + [row for row in rows[1:] if "FAIL" in row][:10]
+    return rows[:1] + rows[max(1, at - 3) : at + 4]

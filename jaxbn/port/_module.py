@@ -1,0 +1,174 @@
+"""The flax.linen module that runs a traced torch graph.
+
+A :class:`Program` is the torch.fx graph with every torch object replaced by
+its JAX counterpart: plain Python, no torch. :class:`PortedModule` binds each
+leaf layer at its torch module path (``layer1.0.conv1`` ->
+``layer1/0/conv1``), so its variables are those :func:`jaxbn.from_torch`
+produces, and runs the nodes in order. Depends on jax and flax only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from ._layers import Layer
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()  # the default of a graph input that has none
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """The value of an earlier node."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One step: a layer at a torch path, a function, or a bare variable.
+
+    ``kind`` is 'layer' (``target`` is the torch module path), 'call'
+    (``target`` is a JAX function; train-aware ones take ``train=``/``rng=``),
+    'param' (``target`` is the torch path of a bare parameter) or 'constant'.
+    ``alias`` names an input that torch mutates in place (``inplace=True``,
+    ``add_``): later nodes see this node's result under that name too.
+    """
+
+    name: str
+    kind: str
+    target: Any
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    train_aware: bool = False
+    alias: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A graph's inputs (with defaults), nodes and output structure."""
+
+    inputs: tuple[str, ...]
+    defaults: tuple[Any, ...]
+    nodes: tuple[Node, ...]
+    output: Any
+
+
+def resolve(value: Any, env: Mapping[str, Any]) -> Any:
+    """``value`` with every :class:`Ref` replaced, keeping tuples (named too), lists, dicts."""
+    if isinstance(value, Ref):
+        return env[value.name]
+    if isinstance(value, tuple):
+        items = [resolve(v, env) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [resolve(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve(v, env) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(resolve(value.start, env), resolve(value.stop, env), resolve(value.step, env))
+    return value
+
+
+class PortedModule(nn.Module):
+    """A torch module's forward, as Flax.
+
+    Call it as torch's forward (NCHW input), plus ``train``: True for a
+    training step (BatchNorm uses and updates batch statistics, dropout and
+    stochastic depth draw from the ``'dropout'`` RNG; pass
+    ``mutable=['batch_stats']``), False for eval. Each mode runs the graph
+    traced with the torch module in that mode, so ``if self.training``
+    branches (auxiliary heads) behave as in torch.
+    """
+
+    eval_program: Program
+    train_program: Program
+    layers: tuple[tuple[str, Layer], ...]
+    params: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # bare parameters
+
+    @nn.compact
+    def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
+        program = self.train_program if train else self.eval_program
+        if len(args) > len(program.inputs):
+            raise TypeError(
+                f"the ported module takes at most {len(program.inputs)} positional inputs "
+                f"({', '.join(program.inputs)}), got {len(args)}"
+            )
+        if kwargs:
+            raise TypeError(
+                f"the ported module takes its inputs positionally ({', '.join(program.inputs)}) "
+                f"and train=; got {sorted(kwargs)}"
+            )
+        missing = len(program.inputs) - len(args)
+        if missing > 0 and any(d is REQUIRED for d in program.defaults[len(args) :]):
+            raise TypeError(
+                f"the ported module needs {len(program.inputs)} inputs "
+                f"({', '.join(program.inputs)}), got {len(args)}"
+            )
+        bound: tuple[dict[Any, Any], dict[str, nn.Module], dict[str, Any]] = ({}, {}, {})
+        if self.is_initializing():
+            # Declare the variables only the other mode uses too (GoogLeNet's
+            # auxiliary heads run in training only); init is never a step.
+            other = self.eval_program if train else self.train_program
+            self._run(other, args, False, bound)
+        return self._run(program, args, train, bound)
+
+    def _run(self, program: Program, args: tuple[Any, ...], train: bool, bound: Any) -> Any:
+        """Run the nodes; ``bound`` caches scopes, layers and bare parameters for this call."""
+        env: dict[str, Any] = dict(zip(program.inputs, program.defaults, strict=True))
+        env |= dict(zip(program.inputs, args, strict=False))
+        scopes, modules, bare = bound
+        layers = dict(self.layers)
+
+        def scope(path: tuple[str, ...]) -> Any:
+            if path not in scopes:
+                parent = scope(path[:-1]) if len(path) > 1 else self.scope
+                assert parent is not None
+                scopes[path] = parent.push(path[len(path) - 1], reuse=True)
+            return scopes[path]
+
+        def layer(path: str) -> nn.Module:
+            if path not in modules:
+                # path '' is a module that is a leaf itself: its variables are at the root.
+                where = scope(tuple(path.split("."))) if path else self.scope
+                modules[path] = layers[path].make(parent=where)
+            return modules[path]
+
+        shapes = {path: (shape, dtype) for path, shape, dtype in self.params}
+        rng: Callable[[], Any] = lambda: self.make_rng("dropout")  # noqa: E731
+        for node in program.nodes:
+            a = resolve(node.args, env)
+            k = dict(resolve(node.kwargs, env))
+            if node.kind == "layer":
+                out = layers[node.target].call(layer(node.target), train, *a, **k)
+            elif node.kind == "call":
+                if node.train_aware:
+                    k |= {"train": train, "rng": rng}
+                out = node.target(*a, **k)
+            elif node.kind == "param":
+                if node.target not in bare:
+                    prefix, _, name = node.target.rpartition(".")
+                    shape, dtype = shapes[node.target]
+                    owner = scope(tuple(prefix.split("."))) if prefix else self.scope
+                    assert owner is not None
+                    bare[node.target] = owner.param(
+                        name, nn.initializers.zeros, shape, jnp.dtype(dtype)
+                    )
+                out = bare[node.target]
+            else:  # a constant tensor captured by the trace
+                out = jnp.asarray(np.asarray(node.target))
+            env[node.name] = out
+            if node.alias is not None:
+                env[node.alias] = out
+        return resolve(program.output, env)

@@ -1,0 +1,155 @@
+"""``jaxbn.port``: any torch.fx-traceable torch module as a Flax module."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from .._torch import import_torch, to_numpy
+from ..convert import from_torch
+from ._module import PortedModule
+from ._ops import table
+from ._trace import Compiler, PortError, timm_notrace, trace
+
+
+@dataclasses.dataclass(frozen=True)
+class Ported:
+    """A ported torch module.
+
+    Attributes:
+      module: the ``flax.linen.Module``; call it as the torch forward, plus
+        ``train``.
+      variables: ``{'params': ..., 'batch_stats': ...}`` at the torch module
+        paths, equal to ``jaxbn.from_torch(torch_module)``.
+    """
+
+    module: PortedModule
+    variables: dict[str, Any]
+
+
+def port(
+    module: Any,
+    example_input: Any,
+    *,
+    converters: Mapping[Any, Any] | None = None,
+    leaves: Iterable[Any] = (),
+) -> Ported:
+    """Port a torch module (a torchvision or timm CNN, ...) to flax.linen.
+
+    The module is traced with ``torch.fx`` twice (in train and in eval mode,
+    so ``if self.training`` branches such as auxiliary heads follow Flax's
+    ``train``). Layers with variables, activations, pooling, dropout and
+    library blocks with their own behaviour stay leaves, each converted by
+    the table of :mod:`jaxbn.port._ops` on its exact class; every other op
+    is converted by function or method. Every BatchNorm becomes a jaxbn
+    layer with that module's own ``momentum`` (``None`` too), ``eps``,
+    ``affine`` and ``track_running_stats``. Activations keep torch's
+    (N, C, H, W) layout, so flatten, view, cat, chunk and channel shuffles
+    mean what they mean in torch.
+
+    >>> ported = jaxbn.port(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64))
+    >>> y = ported.module.apply(ported.variables, x, train=False)
+    >>> y, updates = ported.module.apply(
+    ...     ported.variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    ... )
+
+    Args:
+      module: a ``torch.nn.Module``; it is not modified.
+      example_input: an input the torch module accepts (a tensor or numpy
+        array, or a tuple of them for several inputs). The Flax module is
+        traced on it once, abstractly, to check that its variables are
+        exactly those of :func:`jaxbn.from_torch`.
+      converters: extra or overriding rows of the op table: a module class
+        -> ``fn(torch_module)`` returning a ``flax.linen.Module`` (called
+        with the module's inputs), a :class:`Layer` or a jax function; a
+        function, or a tensor method name, -> a jax function with torch's
+        signature (wrap it in :class:`TrainAware` to receive ``train=`` and
+        ``rng=``).
+      leaves: module classes or module paths that FX should not trace into
+        (each needs a converter): the fix for a module FX cannot trace.
+
+    Returns:
+      :class:`Ported` with ``module`` and ``variables``.
+
+    Raises:
+      PortError: listing every unsupported module, function and method
+        (torch path, fx node, what to do), or FX's reason it cannot trace
+        the model and the fix. Nothing is ported partially.
+    """
+    torch = import_torch()
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"jaxbn.port: `module` must be a torch.nn.Module, got {type(module).__name__}"
+        )
+    converters = dict(converters or {})
+    leaves = list(leaves)
+    timm_modules, timm_functions = timm_notrace()
+    leaf_types = frozenset(
+        {k for k in table() if isinstance(k, type)}
+        | {k for k in converters if isinstance(k, type)}
+        | {leaf for leaf in leaves if isinstance(leaf, type)}
+        | timm_modules
+    )
+    leaf_paths = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
+    # Plain Python functions with a row (stochastic depth, drop path) stay one
+    # call wherever they are called from, not only where fx.wrap registered them.
+    rows = {**table(), **converters}
+    autowrap = {
+        k
+        for k in rows
+        if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
+    } | timm_functions
+    graphs = trace(module, leaf_types, leaf_paths, autowrap)
+
+    compiler = Compiler(module, converters)
+    train_program = compiler.compile(graphs[True])
+    eval_program = compiler.compile(graphs[False])
+    if compiler.problems:
+        problems = list(dict.fromkeys(compiler.problems))
+        raise PortError(
+            f"jaxbn.port: {len(problems)} unsupported operation(s) in "
+            f"{type(module).__name__}; nothing was ported:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nA converter is a table row: jaxbn.port(model, x, converters={key: fn}); "
+            "see help(jaxbn.port)."
+        )
+    flax_module = PortedModule(
+        eval_program=eval_program,
+        train_program=train_program,
+        layers=tuple(compiler.layers.items()),
+        params=tuple((path, shape, dtype) for path, (shape, dtype) in compiler.params.items()),
+    )
+    variables, report = from_torch(module, strict=False)
+    if not report.ok:
+        raise PortError(
+            "jaxbn.port: jaxbn.from_torch cannot convert this module's tensors (a module "
+            "with its own converter still needs a converter kind for its variables):\n"
+            + report.describe_problems()
+        )
+    _check_variables(flax_module, variables, module, example_input)
+    return Ported(flax_module, variables)
+
+
+def _as_inputs(example_input: Any) -> tuple[Any, ...]:
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    return tuple(np.asarray(to_numpy(x)) if hasattr(x, "detach") else np.asarray(x) for x in inputs)
+
+
+def _check_variables(
+    flax_module: PortedModule, variables: dict[str, Any], module: Any, example_input: Any
+) -> None:
+    """The Flax module declares exactly the converter's variables (names, shapes, dtypes)."""
+    inputs = _as_inputs(example_input)
+    shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs, train=False))
+    _, report = from_torch(module, shapes, strict=False)
+    if not report.ok:
+        raise PortError(
+            "jaxbn.port: the ported module's variables differ from jaxbn.from_torch's; a "
+            "converter declares the wrong variables (a bug in a table row):\n"
+            + report.describe_problems()
+        )

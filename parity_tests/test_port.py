@@ -1,0 +1,461 @@
+"""jaxbn.port on small modules: each op against torch, the train flag, errors, the CLI.
+
+The whole torchvision/timm models are in test_port_models.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, cast
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import stochastic_depth
+
+import jaxbn
+from jaxbn.cli import main
+from jaxbn.port import PortError, TrainAware
+
+from .conftest import assert_close
+
+
+def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
+    """(torch output, jax output, jax batch_stats updates) of one call."""
+    ported = jaxbn.port(model, torch.from_numpy(x), **options)
+    model.train(train)
+    with torch.no_grad():
+        desired = model(torch.from_numpy(x))
+    if train:
+        actual, updates = ported.module.apply(
+            ported.variables, x, train=True, mutable=["batch_stats"]
+        )
+    else:
+        actual, updates = ported.module.apply(ported.variables, x, train=False), {}
+    return desired, actual, updates
+
+
+class Fn(torch.nn.Module):
+    """``fn(x)`` as a module, so that FX records its ops."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+# Odd and even sizes where floor and ceil pooling differ (10 = 2*3.5+3, 13).
+X = np.random.default_rng(0).standard_normal((2, 3, 10, 13)).astype(np.float32)
+
+POOLS = {
+    "max k3 s2 ceil": torch.nn.MaxPool2d(3, 2, ceil_mode=True),
+    "max k3 s2 p1": torch.nn.MaxPool2d(3, 2, 1),
+    "max k2 floor odd": torch.nn.MaxPool2d(2),
+    "max k3 s1 p1 ceil": torch.nn.MaxPool2d(3, 1, 1, ceil_mode=True),
+    "max dilation 2": torch.nn.MaxPool2d(3, 1, 1, dilation=2),
+    "avg k3 s2 p1": torch.nn.AvgPool2d(3, 2, 1),
+    "avg exclude pad": torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    "avg ceil": torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+    "avg ceil exclude pad": torch.nn.AvgPool2d(2, 2, 1, ceil_mode=True, count_include_pad=False),
+    "avg divisor": torch.nn.AvgPool2d(3, 2, divisor_override=2),
+    "adaptive avg 1": torch.nn.AdaptiveAvgPool2d(1),
+    "adaptive avg 4x5 (uneven)": torch.nn.AdaptiveAvgPool2d((4, 5)),
+    "adaptive avg (None, 2)": torch.nn.AdaptiveAvgPool2d((None, 2)),
+    "adaptive max 3": torch.nn.AdaptiveMaxPool2d(3),
+    "F.max_pool2d ceil": Fn(lambda x: F.max_pool2d(x, 3, 2, ceil_mode=True)),
+    "F.avg_pool2d": Fn(lambda x: F.avg_pool2d(x, kernel_size=5, stride=3)),
+    "F.adaptive_avg_pool2d": Fn(lambda x: F.adaptive_avg_pool2d(x, (4, 4))),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_pooling_matches_torch(name):
+    desired, actual, _ = run_both(POOLS[name], X)
+    assert_close(actual, desired, what=name)
+
+
+OPS = {
+    "chunk uneven": lambda x: torch.cat([x.chunk(2, dim=3)[0][..., :6], x.chunk(2, 3)[1] * 2], 1),
+    "split sections": lambda x: torch.split(x, [1, 2], dim=1)[1],
+    "channel shuffle": lambda x: (
+        torch.transpose(x.view(2, 3, 1, 10, 13), 1, 2).contiguous().view(2, -1, 10, 13)
+    ),
+    "flatten view mean": lambda x: x.flatten(1).view(x.size(0), -1, 13).mean(-1, keepdim=True),
+    "activations": lambda x: (
+        F.hardswish(x)
+        + F.hardsigmoid(x)
+        + F.relu6(x * 4)
+        + F.silu(x)
+        + F.gelu(x)
+        + F.gelu(x, approximate="tanh")
+        + F.mish(x)
+        + F.leaky_relu(x, 0.2)
+        + F.elu(x)
+    ),
+    "pad reflect": lambda x: F.pad(x, (1, 2, 2, 1), mode="reflect"),
+    "pad crop": lambda x: F.pad(x, (-1, 2, 0, -3), value=0.5),
+    "softmax sum": lambda x: torch.softmax(x, dim=1).sum(dim=(2, 3)),
+    "permute unsqueeze": lambda x: x.permute(0, 2, 3, 1).unsqueeze(1).squeeze(1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_tensor_ops_match_torch(name):
+    desired, actual, _ = run_both(Fn(OPS[name]), X)
+    assert_close(actual, desired, what=name)
+
+
+def test_in_place_ops_change_the_tensor_for_later_users():
+    """``F.relu(y, inplace=True)`` rewrites y: torch's later ``y + z`` sees relu(y) twice."""
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = x * 1.0
+            z = F.relu(y, inplace=True)
+            w = y * 2.0
+            self.act(w)
+            return y + z + w
+
+    desired, actual, _ = run_both(InPlace(), X)
+    assert_close(actual, desired, what="in place")
+    assert float(np.min(np.asarray(actual))) >= 0.0
+
+
+def conv_models():
+    return {
+        "groups dilation": torch.nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        "same": torch.nn.Conv2d(4, 4, (3, 5), padding="same", bias=False),
+        "reflect padding": torch.nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"),
+        "circular padding": torch.nn.Conv2d(4, 2, 3, padding=(1, 2), padding_mode="circular"),
+        "depthwise": torch.nn.Conv2d(4, 8, 3, groups=4),
+    }
+
+
+@pytest.mark.parametrize("name", list(conv_models()))
+def test_convolutions_match_torch(name):
+    x = np.random.default_rng(1).standard_normal((2, 4, 10, 9)).astype(np.float32)
+    desired, actual, _ = run_both(conv_models()[name], x)
+    assert_close(actual, desired, what=name)
+
+
+class Norms(torch.nn.Module):
+    """Each BatchNorm with its own options: the port must keep every one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn_default = torch.nn.BatchNorm2d(4)
+        self.bn_cumulative = torch.nn.BatchNorm2d(4, momentum=None, eps=1e-3)
+        self.bn_no_affine = torch.nn.BatchNorm2d(4, affine=False, momentum=0.3)
+        self.bn_untracked = torch.nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc = torch.nn.Linear(4, 5)
+        self.bn1d = torch.nn.BatchNorm1d(5, momentum=3e-4, eps=1e-2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn_untracked(self.bn_no_affine(self.bn_cumulative(self.bn_default(x))))
+        return self.bn1d(self.fc(x.mean((2, 3))))
+
+
+def randomised_norms() -> Norms:
+    torch.manual_seed(0)
+    model = Norms()
+    with torch.no_grad():
+        for module in model.modules():
+            m = cast(Any, module)  # BatchNorm, FrozenBatchNorm2d, Dropout alike
+            if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_()
+                if m.track_running_stats:
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.num_batches_tracked.fill_(4)
+    return model
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_every_batch_norm_keeps_its_own_options(train):
+    model = randomised_norms()
+    ported = jaxbn.port(model, torch.from_numpy(X))
+    layers: dict[str, Any] = dict(ported.module.layers)
+    assert layers["bn_cumulative"].make.keywords["momentum"] is None
+    assert layers["bn_cumulative"].make.keywords["eps"] == 1e-3
+    assert layers["bn1d"].make.func is jaxbn.BatchNorm1d
+    assert "bn_untracked" not in ported.variables["batch_stats"]
+    assert "bn_no_affine" not in ported.variables["params"]
+
+    desired, actual, updates = run_both(model, X, train=train)
+    assert_close(actual, desired, what="output")
+    if train:
+        state = jaxbn.to_torch({**ported.variables, **updates}, model)
+        for key, value in model.state_dict().items():
+            assert_close(state[key], value, what=key)
+        assert int(state["bn_cumulative.num_batches_tracked"]) == 5
+
+
+def test_variables_are_from_torch_and_init_declares_the_same_tree():
+    model = randomised_norms()
+    ported = jaxbn.port(model, torch.from_numpy(X))
+    expected = jaxbn.from_torch(model)
+    assert jax.tree.structure(ported.variables) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(ported.variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    template = jax.eval_shape(lambda: ported.module.init(jax.random.key(0), X))
+    assert jaxbn.from_torch(model, template) is not None  # strict
+
+
+class FunctionalDropout(torch.nn.Module):
+    def forward(self, x):
+        y = F.dropout(x, 0.5, self.training)
+        return stochastic_depth(y, 0.5, "row", self.training)
+
+
+def test_functional_dropout_and_stochastic_depth_follow_the_flax_train_flag():
+    ported = jaxbn.port(FunctionalDropout(), torch.from_numpy(X))
+    x = np.ones((64, 3, 4, 4), np.float32)
+    np.testing.assert_array_equal(ported.module.apply({}, x, train=False), x)
+    y = np.asarray(ported.module.apply({}, x, train=True, rngs={"dropout": jax.random.key(0)}))
+    assert set(np.unique(y)) <= {0.0, 4.0}  # kept values scaled by 1/(1-0.5) twice
+    dropped_rows = (y == 0).all(axis=(1, 2, 3))
+    assert 10 < dropped_rows.sum() < 54  # stochastic depth drops whole samples
+    assert 0.2 < (y[~dropped_rows] == 0).mean() < 0.8  # dropout, elementwise
+    again = ported.module.apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(y, again)
+    with pytest.raises(Exception, match="dropout"):  # a training step needs the RNG
+        ported.module.apply({}, x, train=True)
+
+
+def test_googlenet_auxiliary_heads_run_in_training_only():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, init_weights=False)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ported = jaxbn.port(model, torch.from_numpy(x))
+    y = ported.module.apply(ported.variables, x, train=False)
+    assert isinstance(y, jax.Array)
+    assert y.shape == (2, 1000)
+    y, _ = jax.eval_shape(
+        lambda: ported.module.apply(
+            ported.variables, x, train=True, mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )
+    )  # fmt: skip
+    assert type(y).__name__ == "GoogLeNetOutputs"
+    assert y._fields == ("logits", "aux_logits2", "aux_logits1")
+    assert model.training  # the port leaves the torch module's mode alone
+
+
+class Unsupported(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.act = torch.nn.Softsign()
+
+    def forward(self, x):
+        return torch.erf(self.act(self.conv(x))).cumsum(1)
+
+
+def test_unsupported_ops_are_listed_together_with_the_fix():
+    with pytest.raises(PortError) as error:
+        jaxbn.port(Unsupported(), torch.from_numpy(X))
+    message = str(error.value)
+    assert "3 unsupported operation(s)" in message
+    assert "act: module torch.nn.modules.activation.Softsign has no converter" in message
+    assert "function torch.erf" in message
+    assert "tensor method .cumsum()" in message
+    assert "converters=" in message
+
+
+def test_converters_fill_the_gaps():
+    model = Unsupported()
+    desired, actual, _ = run_both(
+        model,
+        X,
+        converters={
+            torch.nn.Softsign: lambda m: lambda x: x / (1 + jnp.abs(x)),
+            torch.erf: jax.scipy.special.erf,
+            "cumsum": lambda self, dim: jnp.cumsum(self, axis=dim),
+        },
+    )
+    assert_close(actual, desired, what="with converters")
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+class WithDataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = DataDependent()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.block(self.conv(x))
+
+
+def test_untraceable_module_gets_fx_reason_and_the_fix():
+    with pytest.raises(PortError) as error:
+        jaxbn.port(WithDataDependent(), torch.from_numpy(X))
+    message = str(error.value)
+    assert "torch.fx cannot trace WithDataDependent" in message
+    assert "module 'block'" in message
+    assert "control flow" in message
+    assert "leaves=[DataDependent]" in message
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.where(x.sum() > 0, x * 2, x)
+
+    model = WithDataDependent()
+    desired, actual, _ = run_both(
+        model, X, leaves=[DataDependent], converters={DataDependent: lambda m: Twice()}
+    )
+    assert_close(actual, desired, what="leaf with a converter")
+
+
+class AddsToBatchNorm(torch.nn.BatchNorm2d):
+    """A subclass with extra behaviour must not be ported as a plain BatchNorm."""
+
+    def forward(self, input):
+        return super().forward(input) + 1
+
+
+def test_dispatch_is_on_the_exact_class():
+    """Not ported as a plain BatchNorm2d: FX traces into it, and says how to make it a leaf."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), AddsToBatchNorm(3))
+    with pytest.raises(PortError, match=r"module '1' \(parity_tests.test_port.AddsToBatchNorm\)"):
+        jaxbn.port(model, torch.from_numpy(X))
+
+
+def test_frozen_batch_norm_is_a_converter_kind_and_never_updates():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torchvision.ops.FrozenBatchNorm2d(4))
+    with torch.no_grad():
+        for b in model[1].buffers():
+            b.uniform_(0.5, 1.5)
+    ported = jaxbn.port(model, torch.from_numpy(X))
+    assert set(ported.variables["batch_stats"]["1"]) == {"scale", "bias", "mean", "var"}
+    assert "1" not in ported.variables["params"]
+    for train in (False, True):
+        desired, actual, updates = run_both(model, X, train=train)
+        assert_close(actual, desired, what=f"train={train}")
+    for a, b in zip(
+        jax.tree.leaves(updates["batch_stats"]),
+        jax.tree.leaves(ported.variables["batch_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(jaxbn.to_torch(ported.variables, model), strict=True)
+
+
+# --- CLI ---------------------------------------------------------------------
+
+
+def tiny_cnn() -> torch.nn.Module:
+    """A small BatchNorm CNN for the CLI tests (MODULE:FACTORY)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.MaxPool2d(3, 2, ceil_mode=True),
+        torch.nn.Conv2d(8, 8, 3, groups=2),
+        torch.nn.BatchNorm2d(8, momentum=None),
+        torch.nn.Hardswish(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(8, 4),
+    )
+
+
+def unsupported_cnn() -> torch.nn.Module:
+    return Unsupported()
+
+
+def test_cli_ports_checks_and_writes(tmp_path, capsys):
+    out = tmp_path / "v.msgpack"
+    code = main(["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "eval: " in printed
+    assert "training step: " in printed
+    assert "within rtol" in printed
+    from jaxbn.convert import load_variables
+
+    variables = load_variables(out)
+    expected = jaxbn.from_torch(tiny_cnn())
+    assert jax.tree.structure(variables) == jax.tree.structure(expected)
+
+
+def test_cli_reports_unsupported_ops(capsys):
+    code = main(["port", "parity_tests.test_port:unsupported_cnn", "--input", "2,3,8,8"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("jaxbn: jaxbn.port: 3 unsupported operation(s)")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["torchvision.models.resnet18", "--input", "1,3,8,8"], "expected MODULE:FACTORY"),
+        (["no_such_module:f", "--input", "1,3,8,8"], "cannot import 'no_such_module'"),
+        (["torchvision.models:nope", "--input", "1,3,8,8"], "has no attribute 'nope'"),
+        (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(argv, message, capsys):
+    code = main(["port", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("jaxbn: ")
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_train_aware_converter_gets_the_flag():
+    class Noise(torch.nn.Module):
+        def forward(self, x):
+            return x + 0
+
+    def noisy(input, other, *, train, rng):
+        return input + (jax.random.normal(rng(), input.shape) if train else other)
+
+    import operator
+
+    ported = jaxbn.port(Noise(), torch.from_numpy(X), converters={operator.add: TrainAware(noisy)})
+    np.testing.assert_array_equal(ported.module.apply({}, X, train=False), X)
+    y = ported.module.apply({}, X, train=True, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(np.asarray(y), X)
+
+
+@pytest.mark.slow
+def test_port_any_example_trains_like_torch(tmp_path):
+    from .test_examples import load
+
+    result = load("port_any").main(
+        "mobilenet_v3_small",
+        steps=4,
+        batch=8,
+        image=32,
+        plot=str(tmp_path / "p.png"),
+        verbose=False,
+    )
+    assert result["num_batches_tracked"] == {4}
+    assert result["max_relative_loss_diff"] <= 1e-3
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
