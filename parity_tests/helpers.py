@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -167,3 +168,26 @@ def _numbers_differ(wanted: list[str], got: tuple[str, ...]) -> str:
         if not ok:
             return f"README {want} vs run {have}"
     return ""
+
+
+def bits(value: Any) -> np.ndarray:
+    """The raw bytes of an array or tensor, for bit-exact comparison."""
+    array = to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+    return np.ascontiguousarray(array).view(np.uint8)
+
+
+def assert_same_state(actual: dict[str, torch.Tensor], desired: dict[str, torch.Tensor]) -> None:
+    assert list(actual) == list(desired)
+    for key, tensor in desired.items():
+        assert actual[key].dtype == tensor.dtype, key
+        assert actual[key].shape == tensor.shape, key
+        np.testing.assert_array_equal(bits(actual[key]), bits(tensor), err_msg=key)
+
+
+def reference_batch_norm(x, scale, bias, axis, eps=1e-5):
+    """Textbook two-pass BatchNorm in plain jnp, differentiated by autodiff."""
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    shape = tuple(x.shape[i] if i == axis else 1 for i in range(x.ndim))
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * scale.reshape(shape) + bias.reshape(shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn.parity import compare_models
+from jaxbn.parity import ModelReport, compare_models
 
 
 class TwoHeads(NamedTuple):
@@ -48,7 +48,7 @@ class FlaxNet(nn.Module):
         return logits
 
 
-def run(train: bool, aux_scale: float = 1.0) -> jaxbn.parity.ModelReport:
+def run(train: bool, aux_scale: float = 1.0) -> ModelReport:
     torch.manual_seed(0)
     model = TorchNet()
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)

@@ -28,22 +28,7 @@ from jaxbn.convert import (
 )
 from jaxbn.parity import to_numpy
 
-from .helpers import TORCH_DTYPES, assert_close, run_jaxbn
-
-
-def bits(value: Any) -> np.ndarray:
-    """The raw bytes of an array or tensor, for bit-exact comparison."""
-    array = to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
-    return np.ascontiguousarray(array).view(np.uint8)
-
-
-def assert_same_state(actual: dict[str, torch.Tensor], desired: dict[str, torch.Tensor]) -> None:
-    assert list(actual) == list(desired)
-    for key, tensor in desired.items():
-        assert actual[key].dtype == tensor.dtype, key
-        assert actual[key].shape == tensor.shape, key
-        np.testing.assert_array_equal(bits(actual[key]), bits(tensor), err_msg=key)
-
+from .helpers import TORCH_DTYPES, assert_close, assert_same_state, bits, run_jaxbn
 
 SPECIALS = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e-45, 3.4e38]
 

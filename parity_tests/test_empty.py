@@ -24,7 +24,7 @@ from flax import nnx
 import jaxbn
 from jaxbn.parity import to_numpy, to_torch
 
-from .conftest import TORCH_DTYPES, assert_close
+from .helpers import TORCH_DTYPES, assert_close
 
 # (input shape, running-statistics length or None, weight and bias or not, kwargs)
 TORCH_OPINFO_SAMPLES = [

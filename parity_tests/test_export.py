@@ -18,7 +18,7 @@ from jax import export
 import jaxbn
 from jaxbn.parity import to_numpy, to_torch
 
-from .conftest import assert_close
+from .helpers import assert_close
 
 SIZES = [(2, 3, 4, 5), (5, 3, 1, 1), (7, 2, 3, 1), (1, 4, 2, 2)]  # (b, C, H, W) at call time
 MOMENTUM = 0.3

@@ -27,8 +27,7 @@ from flax import nnx
 import jaxbn
 from jaxbn.parity import to_numpy, to_torch
 
-from .conftest import assert_close
-from .test_performance import reference_batch_norm
+from .helpers import assert_close, reference_batch_norm
 
 SHAPES = {
     "NC": ((8, 3), 1),

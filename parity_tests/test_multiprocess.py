@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .test_examples import load
+from .helpers import load_example as load
 
 QUANTITIES = {"outputs", "gradients", "weights", "running statistics", "eval outputs"}
 

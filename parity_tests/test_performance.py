@@ -15,16 +15,7 @@ import pytest
 
 import jaxbn
 
-from .helpers import run_jaxbn
-
-
-def reference_batch_norm(x, scale, bias, axis, eps=1e-5):
-    """Textbook two-pass BatchNorm in plain jnp, differentiated by autodiff."""
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    shape = tuple(x.shape[i] if i == axis else 1 for i in range(x.ndim))
-    mean = jnp.mean(x, axes, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + eps) * scale.reshape(shape) + bias.reshape(shape)
+from .helpers import reference_batch_norm, run_jaxbn
 
 
 def inputs(shape, axis, seed=0, offset=2.0):

@@ -22,7 +22,7 @@ import jaxbn
 from jaxbn.cli import main
 from jaxbn.port import PortError, TrainAware
 
-from .conftest import assert_close
+from .helpers import assert_close
 
 
 def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
@@ -414,7 +414,7 @@ def test_cli_reports_unsupported_ops(capsys):
     ("argv", "message"),
     [
         (["torchvision.models.resnet18", "--input", "1,3,8,8"], "expected MODULE:FACTORY"),
-        (["no_such_module:f", "--input", "1,3,8,8"], "cannot import 'no_such_module'"),
+        (["no_such_module:f", "--input", "1,3,8,8"], "No module named 'no_such_module'"),
         (["torchvision.models:nope", "--input", "1,3,8,8"], "has no attribute 'nope'"),
         (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
     ],
@@ -446,7 +446,7 @@ def test_train_aware_converter_gets_the_flag():
 
 @pytest.mark.slow
 def test_port_any_example_trains_like_torch(tmp_path):
-    from .test_examples import load
+    from .helpers import load_example as load
 
     result = load("port_any").main(
         "mobilenet_v3_small",
@@ -459,3 +459,26 @@ def test_port_any_example_trains_like_torch(tmp_path):
     assert result["num_batches_tracked"] == {4}
     assert result["max_relative_loss_diff"] <= 1e-3
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+class LayerScaled(torch.nn.Module):
+    """A block with a bare parameter, as ConvNeXt's layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma[None, :, None, None] * self.conv(x)
+
+
+def test_bare_parameters_are_placed_by_the_ports_own_template():
+    model = torch.nn.Sequential(LayerScaled(), torch.nn.BatchNorm2d(3))
+    desired, actual, _ = run_both(model, X[:, :3], train=True)
+    assert_close(actual, desired, what="output")
+    ported = jaxbn.port(model, torch.from_numpy(X[:, :3]))
+    gamma = model.get_parameter("0.gamma")
+    np.testing.assert_array_equal(ported.variables["params"]["0"]["gamma"], gamma.detach().numpy())
+    state = jaxbn.to_torch(ported.variables, model)
+    assert torch.equal(state["0.gamma"], gamma)

@@ -18,7 +18,7 @@ import torchvision
 import jaxbn
 from jaxbn.convert import batch_norm_settings, inspect
 
-from .test_convert import assert_same_state
+from .helpers import assert_same_state
 
 # Every torchvision classification family that has BatchNorm.
 MODELS = [

@@ -201,9 +201,9 @@ def compare_models(
         )
 
     y_ans, vjp, state = jax.vjp(forward, params, has_aux=True)
-    flax_outputs = {
+    flax_outputs: dict[str, Any] = {
         default_torch_path(path[:-1]): value
-        for path, value in flatten_tree(state["intermediates"]).items()
+        for path, value in flatten_tree(dict(state["intermediates"])).items()
         if path and path[-1] == "__call__"
     }
     flax_outputs[""] = (y_ans,)
@@ -339,16 +339,11 @@ def output_leaves(tree: Any, prefix: str = "output") -> dict[str, Any]:
     """
     if tree is None:
         return {}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        items = [(f".{field}", getattr(tree, field)) for field in tree._fields]
-    elif isinstance(tree, (tuple, list)):
-        items = [(f"[{i}]", value) for i, value in enumerate(tree)]
-    elif isinstance(tree, Mapping):
-        items = [(f"[{key!r}]", value) for key, value in tree.items()]
-    else:
+    children = _children(tree)
+    if children is None:
         return {prefix: tree}
     leaves: dict[str, Any] = {}
-    for suffix, value in items:
+    for suffix, value in children:
         leaves |= output_leaves(value, prefix + suffix)
     return leaves
 
@@ -357,12 +352,23 @@ def map_leaves(tree: Any, fn: Callable[[str, Any], Any], prefix: str = "output")
     """``tree`` with each leaf replaced by ``fn(name, leaf)``, names as :func:`output_leaves`."""
     if tree is None:
         return None
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(
-            *(map_leaves(getattr(tree, f), fn, f"{prefix}.{f}") for f in tree._fields)
-        )
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(map_leaves(v, fn, f"{prefix}[{i}]") for i, v in enumerate(tree))
+    children = _children(tree)
+    if children is None:
+        return fn(prefix, tree)
+    values = [map_leaves(value, fn, prefix + suffix) for suffix, value in children]
     if isinstance(tree, Mapping):
-        return {k: map_leaves(v, fn, f"{prefix}[{k!r}]") for k, v in tree.items()}
-    return fn(prefix, tree)
+        return dict(zip(tree, values, strict=True))
+    fields = getattr(tree, "_fields", None)
+    return type(tree)(*values) if fields is not None else type(tree)(values)
+
+
+def _children(tree: Any) -> list[tuple[str, Any]] | None:
+    """``[(name suffix, child)]`` of a container output, None for a leaf."""
+    fields = getattr(tree, "_fields", None) if isinstance(tree, tuple) else None
+    if fields is not None:
+        return [(f".{field}", getattr(tree, field)) for field in fields]
+    if isinstance(tree, (tuple, list)):
+        return [(f"[{i}]", value) for i, value in enumerate(tree)]
+    if isinstance(tree, Mapping):
+        return [(f"[{key!r}]", value) for key, value in tree.items()]
+    return None

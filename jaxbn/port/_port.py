@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 
 from .._torch import import_torch, to_numpy
-from ..convert import from_torch
+from ..convert import LayoutWarning, from_torch
 from ._module import PortedModule
 from ._ops import table
 from ._trace import Compiler, PortError, timm_notrace, trace
@@ -124,14 +125,7 @@ def port(
         layers=tuple(compiler.layers.items()),
         params=tuple((path, shape, dtype) for path, (shape, dtype) in compiler.params.items()),
     )
-    variables, report = from_torch(module, strict=False)
-    if not report.ok:
-        raise PortError(
-            "jaxbn.port: jaxbn.from_torch cannot convert this module's tensors (a module "
-            "with its own converter still needs a converter kind for its variables):\n"
-            + report.describe_problems()
-        )
-    _check_variables(flax_module, variables, module, example_input)
+    variables = _variables(flax_module, module, example_input)
     return Ported(flax_module, variables)
 
 
@@ -140,16 +134,23 @@ def _as_inputs(example_input: Any) -> tuple[Any, ...]:
     return tuple(np.asarray(to_numpy(x)) if hasattr(x, "detach") else np.asarray(x) for x in inputs)
 
 
-def _check_variables(
-    flax_module: PortedModule, variables: dict[str, Any], module: Any, example_input: Any
-) -> None:
-    """The Flax module declares exactly the converter's variables (names, shapes, dtypes)."""
+def _variables(flax_module: PortedModule, module: Any, example_input: Any) -> dict[str, Any]:
+    """The converter's variables, with the ported module's own declaration as the template.
+
+    The template is what places bare parameters (layer scale) and proves
+    that every layer declares exactly the converter's names, shapes and
+    dtypes. The port flattens in torch's order, so the converter's flatten
+    warning does not apply.
+    """
     inputs = _as_inputs(example_input)
     shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs, train=False))
-    _, report = from_torch(module, shapes, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayoutWarning)
+        variables, report = from_torch(module, shapes, strict=False)
     if not report.ok:
         raise PortError(
-            "jaxbn.port: the ported module's variables differ from jaxbn.from_torch's; a "
-            "converter declares the wrong variables (a bug in a table row):\n"
-            + report.describe_problems()
+            "jaxbn.port: the ported module's variables differ from what jaxbn.from_torch "
+            "makes of the torch module (a converter that declares other variables, or a "
+            "module whose tensors no converter kind covers):\n" + report.describe_problems()
         )
+    return variables
