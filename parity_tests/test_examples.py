@@ -27,8 +27,8 @@ def script(name: str, *args: str, cwd: pathlib.Path) -> list[str]:
 
 
 def test_every_example_is_run_here():
-    # multi_process runs in test_multiprocess.py.
-    tested = {"train_cnn", "data_parallel", "resnet", "port_resnet", "multi_process"}
+    # multi_process runs in test_multiprocess.py, port_any in test_port.py.
+    tested = {"train_cnn", "data_parallel", "resnet", "port_resnet", "multi_process", "port_any"}
     assert tested == {path.stem for path in EXAMPLES.glob("*.py")}
 
 
