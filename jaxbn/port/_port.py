@@ -53,11 +53,17 @@ def port(
     (N, C, H, W) layout, so flatten, view, cat, chunk and channel shuffles
     mean what they mean in torch.
 
-    >>> ported = jaxbn.port(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64))
-    >>> y = ported.module.apply(ported.variables, x, train=False)
-    >>> y, updates = ported.module.apply(
-    ...     ported.variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
-    ... )
+    >>> import jax, numpy as np, torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, eps=1e-3))
+    >>> ported = port(model, torch.zeros(2, 3, 8, 8))
+    >>> jax.tree.map(np.shape, ported.variables)
+    {'batch_stats': {'1': {'mean': (4,), 'num_batches_tracked': (), 'var': (4,)}}, 'params': {'0': {'bias': (4,), 'kernel': (3, 3, 3, 4)}, '1': {'bias': (4,), 'scale': (4,)}}}
+    >>> x = np.ones((2, 3, 8, 8), np.float32)
+    >>> ported.module.apply(ported.variables, x, train=False).shape
+    (2, 4, 6, 6)
+    >>> y, updates = ported.module.apply(ported.variables, x, train=True, mutable=["batch_stats"])
+    >>> int(updates["batch_stats"]["1"]["num_batches_tracked"])
+    1
 
     Args:
       module: a ``torch.nn.Module``; it is not modified.
