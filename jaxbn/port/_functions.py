@@ -123,12 +123,7 @@ def dropout(
 ) -> Array:
     """``F.dropout``; ``training`` as traced is replaced by the Flax ``train`` flag."""
     del training
-    if not train or p == 0:
-        return input
-    if p == 1:
-        return jnp.zeros_like(input)
-    keep = jax.random.bernoulli(rng(), 1 - p, input.shape)
-    return jnp.where(keep, input / (1 - p), 0).astype(input.dtype)
+    return _drop(input, p, train, rng, input.shape)
 
 
 def dropout2d(
@@ -142,11 +137,18 @@ def dropout2d(
 ) -> Array:
     """``F.dropout2d``: whole channels of (N, C, H, W) input."""
     del training
+    return _drop(input, p, train, rng, (*input.shape[:-2], 1, 1))
+
+
+def _drop(
+    input: Array, p: float, train: bool, rng: Callable[[], Array], shape: tuple[int, ...]
+) -> Array:
+    """Zero with probability ``p`` per element of a mask of ``shape``; scale the rest."""
     if not train or p == 0:
         return input
     if p == 1:
         return jnp.zeros_like(input)
-    keep = jax.random.bernoulli(rng(), 1 - p, (*input.shape[:-2], 1, 1))
+    keep = jax.random.bernoulli(rng(), 1 - p, shape)
     return jnp.where(keep, input / (1 - p), 0).astype(input.dtype)
 
 
