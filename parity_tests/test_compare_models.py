@@ -48,7 +48,7 @@ class FlaxNet(nn.Module):
         return logits
 
 
-def run(train: bool, aux_scale: float = 1.0) -> ModelReport:
+def run(train: bool, aux_scale: float = 1.0, **options: Any) -> ModelReport:
     torch.manual_seed(0)
     model = TorchNet()
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
@@ -60,6 +60,7 @@ def run(train: bool, aux_scale: float = 1.0) -> ModelReport:
         train=train,
         flax_kwargs={"train": train},
         gradients=True,
+        **options,
     )
 
 
@@ -98,3 +99,40 @@ def test_a_leaf_the_flax_model_lacks_fails():
         row.quantity == "output.aux['scores']" and row.detail == "missing on the Flax side"
         for row in report.rows
     )
+
+
+def test_a_float64_reference_measures_against_torchs_own_error():
+    """reference='float64': each row has torch float32's own distance from float64, and the
+    bar is a multiple of it, so an error of 1e-4 that a fixed rtol of 1e-4 lets through fails."""
+    report = run(train=True, reference="float64", rtol=0.0, atol=0.0)
+    assert report.ok, report.table()
+    floats = [row for row in report.rows if row.quantity != "num_batches_tracked"]
+    assert all(row.torch_max_abs is not None for row in floats)
+    assert "torch's own" in report.table().splitlines()[0]
+    assert "8x torch's own float32 error (vs float64)" in report.summary()
+
+    slightly_wrong = 1 + 1e-4
+    assert run(train=True, aux_scale=slightly_wrong).ok  # within the fixed rtol=atol=1e-4
+    report = run(train=True, aux_scale=slightly_wrong, reference="float64", rtol=0.0, atol=0.0)
+    first = report.first_divergence
+    assert first is not None
+    assert (first.layer, first.quantity) == ("", "output.aux['scores']")
+    assert first.torch_max_abs is not None
+    assert first.max_abs > 100 * first.torch_max_abs
+    assert "torch's own" in report.summary()
+
+
+def test_a_float64_reference_leaves_the_torch_model_in_its_dtype():
+    torch.manual_seed(0)
+    model = TorchNet()
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    variables = jaxbn.from_torch(model)
+    compare_models(
+        model, FlaxNet(), variables, x, flax_kwargs={"train": False}, reference="float64"
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_an_unknown_reference_is_refused():
+    with pytest.raises(ValueError, match="reference must be 'same' or 'float64', got 'f64'"):
+        run(train=False, reference="f64")
