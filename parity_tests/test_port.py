@@ -6,6 +6,7 @@ The whole torchvision/timm models are in test_port_models.py.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, cast
 
 import flax.linen as nn
@@ -20,9 +21,9 @@ from torchvision.ops import stochastic_depth
 
 import jaxbn
 from jaxbn.cli import main
-from jaxbn.port import PortError, TrainAware
+from jaxbn.port import PortError, TrainAware, without_dropout
 
-from .helpers import assert_close
+from .helpers import assert_close, assert_sample_matches, readme_sample, run_jaxbn
 
 
 def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
@@ -394,12 +395,33 @@ def test_cli_ports_checks_and_writes(tmp_path, capsys):
     assert code == 0, printed
     assert "eval: " in printed
     assert "training step: " in printed
-    assert "within rtol" in printed
+    assert "within 8x torch's own float32 error (vs float64)" in printed
     from jaxbn.convert import load_variables
 
     variables = load_variables(out)
     expected = jaxbn.from_torch(tiny_cnn())
     assert jax.tree.structure(variables) == jax.tree.structure(expected)
+
+
+@pytest.mark.slow
+def test_cli_runs_as_the_readme_shows(tmp_path):
+    command = "jaxbn port torchvision.models:resnet18 --input 4,3,64,64 -o resnet18.msgpack"
+    result = run_jaxbn(*command.split()[1:-1], tmp_path / "resnet18.msgpack")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout.replace(str(tmp_path / "resnet18.msgpack"), "resnet18.msgpack")
+    assert_sample_matches(readme_sample(command), output.splitlines())
+
+
+def test_cli_prints_the_first_divergence_and_fails(monkeypatch, capsys):
+    """A wrong table row (Hardswish ported as ReLU) is found at its layer, in eval."""
+    from jaxbn.port import _functions, _ops
+
+    monkeypatch.setitem(_ops.table(), torch.nn.Hardswish, lambda m, child: _ops.op(_functions.relu))
+    code = main(["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"])
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    assert "eval: first divergence at 6 (output)" in printed
+    assert re.search(r"^6\s+output\s+4x8x4x4 .*<-- first divergence$", printed, re.M), printed
 
 
 def test_cli_reports_unsupported_ops(capsys):
@@ -482,3 +504,30 @@ def test_bare_parameters_are_placed_by_the_ports_own_template():
     np.testing.assert_array_equal(ported.variables["params"]["0"]["gamma"], gamma.detach().numpy())
     state = jaxbn.to_torch(ported.variables, model)
     assert torch.equal(state["0.gamma"], gamma)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torchvision.models.densenet121(weights=None, drop_rate=0.3),  # functional
+        lambda: torchvision.models.efficientnet_b0(weights=None),  # StochasticDepth, Dropout
+        lambda: pytest.importorskip("timm").create_model(
+            "resnet18d", pretrained=False, drop_rate=0.2, drop_path_rate=0.2
+        ),  # DropPath, the head's functional dropout
+    ],
+    ids=["densenet121", "efficientnet_b0", "timm_resnet18d"],
+)
+def test_without_dropout_makes_training_deterministic(build):
+    """The harness's comparisons need torch's training step free of random masks."""
+    model = build()
+    quiet = without_dropout(model).train()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32))).float()
+    with torch.no_grad():
+        outputs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outputs.append(quiet(x))
+        torch.manual_seed(1)
+        noisy = model.train()(x)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.equal(noisy, outputs[0])  # the original keeps its dropout

@@ -8,6 +8,7 @@ from ._module import PortedModule as PortedModule
 from ._ops import TrainAware as TrainAware
 from ._port import Ported as Ported
 from ._port import port as port
+from ._port import without_dropout as without_dropout
 from ._trace import PortError as PortError
 
-__all__ = ["Layer", "PortError", "Ported", "PortedModule", "TrainAware", "port"]
+__all__ = ["Layer", "PortError", "Ported", "PortedModule", "TrainAware", "port", "without_dropout"]

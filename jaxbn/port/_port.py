@@ -160,3 +160,32 @@ def _variables(flax_module: PortedModule, module: Any, example_input: Any) -> di
             "module whose tensors no converter kind covers):\n" + report.describe_problems()
         )
     return variables
+
+
+def without_dropout(module: Any) -> Any:
+    """A copy of a torch module with every dropout probability set to 0.
+
+    Torch's and JAX's random masks cannot agree, so a comparison of a model
+    and its port in training turns them off: ``nn.Dropout`` and its kin,
+    torchvision's ``StochasticDepth``, timm's ``DropPath``/``DropBlock2d``
+    (``drop_prob``), and the ``drop_rate`` of modules that call functional
+    dropout themselves (DenseNet's layers, timm's classifier heads).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    >>> without_dropout(model)[1].p, model[1].p
+    (0.0, 0.5)
+    """
+    import copy
+
+    torch = import_torch()
+    quiet = copy.deepcopy(module)
+    for m in quiet.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) or type(m).__name__ == (
+            "StochasticDepth"
+        ):
+            m.p = 0.0
+        for name in ("drop_prob", "drop_rate"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return quiet
