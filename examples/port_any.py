@@ -26,6 +26,7 @@ import torch
 import torchvision
 
 import jaxbn
+from jaxbn.port import without_dropout
 
 
 def batches(
@@ -46,10 +47,7 @@ def batches(
 def build(name: str, classes: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None, num_classes=classes)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) or type(m) is torchvision.ops.StochasticDepth:
-            m.p = 0.0
-    return model
+    return without_dropout(model)
 
 
 def main(

@@ -27,7 +27,7 @@ def script(name: str, *args: str, cwd: pathlib.Path) -> list[str]:
 
 
 def test_every_example_is_run_here():
-    # multi_process runs in test_multiprocess.py, port_any in test_port.py.
+    # multi_process runs in test_multiprocess.py.
     tested = {"train_cnn", "data_parallel", "resnet", "port_resnet", "multi_process", "port_any"}
     assert tested == {path.stem for path in EXAMPLES.glob("*.py")}
 
@@ -112,6 +112,14 @@ def test_port_resnet_runs_as_the_readme_shows(tmp_path):
         bar = FLOAT32_FACTOR * max(torch_distance, FLOAT32_FLOOR)
         assert jax_distance <= bar, (quantity, torch_distance, jax_distance)
     assert (tmp_path / "port_resnet.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_port_any_runs_as_the_readme_shows(tmp_path):
+    """``python examples/port_any.py --steps 5``: MobileNetV3-Large ported, trained in both."""
+    output = script("port_any", "--steps", "5", cwd=tmp_path)
+    assert_sample_matches(readme_sample("python examples/port_any.py --steps 5"), output)
+    assert (tmp_path / "port_any.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_an_example_says_what_to_install_before_any_work(tmp_path):

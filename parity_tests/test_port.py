@@ -466,23 +466,6 @@ def test_train_aware_converter_gets_the_flag():
     assert not np.allclose(np.asarray(y), X)
 
 
-@pytest.mark.slow
-def test_port_any_example_trains_like_torch(tmp_path):
-    from .helpers import load_example as load
-
-    result = load("port_any").main(
-        "mobilenet_v3_small",
-        steps=4,
-        batch=8,
-        image=32,
-        plot=str(tmp_path / "p.png"),
-        verbose=False,
-    )
-    assert result["num_batches_tracked"] == {4}
-    assert result["max_relative_loss_diff"] <= 1e-3
-    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
-
-
 class LayerScaled(torch.nn.Module):
     """A block with a bare parameter, as ConvNeXt's layer scale."""
 
