@@ -400,8 +400,9 @@ def interpolate(
     output length ``m`` is torch's:
 
     - 'nearest': ``min(floor(i * s), n - 1)`` with ``s = 1/scale_factor``
-      (or ``n/m``) in float32 — OpenCV's legacy rule, not half-pixel; an
-      exact copy when ``m == n`` and ``i // 2`` when ``m == 2n``;
+      (or ``n/m``) — OpenCV's legacy rule, not half-pixel; the 2-D kernel
+      torch runs for small outputs also copies when ``m == n`` and halves
+      when ``m == 2n`` (see :func:`_nearest_index`);
     - 'nearest-exact': ``min(floor((i + 0.5) * s), n - 1)``;
     - 'linear', 'bilinear', 'trilinear', 'bicubic': ``x = s * (i + 0.5) -
       0.5`` (``x = i * (n-1)/(m-1)`` with ``align_corners=True``), clamped at
@@ -415,7 +416,11 @@ def interpolate(
     ``recompute_scale_factor`` is not True (torch uses the given scale, not
     ``n/m``, which differs for non-integer scales), else ``n/m``. The output
     length is ``floor(n * scale_factor)`` or ``size``. The index tables are
-    numpy constants, so the gradient is the scatter-add torch's backward does.
+    numpy constants, so the gradient is a scatter-add, as torch's; where
+    torch's backward kernel is not the transpose of its forward (nearest,
+    whose backward always takes the small 2-D kernel's indices; bicubic,
+    whose backward rounds unfused and passes the gradient through when the
+    size is kept), the gradient is torch's.
 
     Args:
       input: (N, C, L), (N, C, H, W) or (N, C, D, H, W).

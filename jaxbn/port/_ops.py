@@ -9,7 +9,8 @@ method name. Values:
   converts a submodule of a composite leaf;
 - function or method name -> a JAX function with torch's signature (a
   method's first argument is the tensor), wrapped in :class:`TrainAware`
-  when it follows the Flax ``train`` flag and the ``'dropout'`` RNG.
+  when it follows the Flax ``train`` flag and the ``'dropout'`` RNG, or in
+  :class:`Checked` when some of its constant arguments have no port.
 
 torch (and torchvision, timm when installed) are imported only when the
 table is built.
