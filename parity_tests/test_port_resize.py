@@ -118,8 +118,9 @@ def jax_side(cases, xs, gs):
     return results
 
 
-# Measured on this machine: float32 outputs 9.5e-7 (trilinear), gradients 1.1e-5
-# (values up to ~20, summed from up to 27 outputs); float64 both ~1e-14.
+# Measured (torch 2.14.1, x86 CPU): worst float32 |difference| 2.4e-6 for outputs
+# and gradients alike (values up to ~10: a few ulp, the order torch sums taps in);
+# float64 2.7e-15. The indices match exactly: a wrong one is an error of order 1.
 TOLERANCE = {
     "float32": {"rtol": 1e-6, "atol": 4e-6},
     "float64": {"rtol": 1e-12, "atol": 1e-12},

@@ -41,6 +41,7 @@ from ._layers import (
     plain_call,
     train_call,
 )
+from ._module import Ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +236,8 @@ def check_interpolate(
     antialias: Any = False,
 ) -> None:
     """``F.interpolate``'s mode and antialias, checked before anything runs."""
+    if isinstance(mode, Ref) or isinstance(antialias, Ref):
+        return  # computed in the graph: checked when the ported module runs
     reason = f.resize_unsupported(mode, antialias)
     if reason is not None:
         raise Unsupported(f"F.interpolate: {reason}")
