@@ -9,7 +9,8 @@ method name. Values:
   converts a submodule of a composite leaf;
 - function or method name -> a JAX function with torch's signature (a
   method's first argument is the tensor), wrapped in :class:`TrainAware`
-  when it follows the Flax ``train`` flag and the ``'dropout'`` RNG.
+  when it follows the Flax ``train`` flag and the ``'dropout'`` RNG, or in
+  :class:`Checked` when some of its constant arguments have no port.
 
 torch (and torchvision, timm when installed) are imported only when the
 table is built.
@@ -40,6 +41,7 @@ from ._layers import (
     plain_call,
     train_call,
 )
+from ._module import Ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +51,22 @@ class TrainAware:
     fn: Callable[..., Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A function whose constant arguments the port checks when it compiles the graph.
+
+    ``check`` takes the traced call's arguments (tensors are placeholders) and
+    raises :class:`Unsupported` for a configuration ``fn`` cannot compute, so
+    that it is listed with every other unsupported op rather than failing
+    when the ported module first runs.
+    """
+
+    fn: Callable[..., Any]
+    check: Callable[..., None]
+
+
 class Unsupported(Exception):
-    """A module's configuration no converter handles (the port lists every one)."""
+    """A module's or call's configuration no converter handles (the port lists every one)."""
 
 
 def _dtype(tensor: Any) -> Any:
@@ -210,6 +226,38 @@ def pad_module(mode: str) -> Callable[[Any, Any], Layer]:
     return convert
 
 
+def check_interpolate(
+    input: Any,
+    size: Any = None,
+    scale_factor: Any = None,
+    mode: Any = "nearest",
+    align_corners: Any = None,
+    recompute_scale_factor: Any = None,
+    antialias: Any = False,
+) -> None:
+    """``F.interpolate``'s mode and antialias, checked before anything runs."""
+    if isinstance(mode, Ref) or isinstance(antialias, Ref):
+        return  # computed in the graph: checked when the ported module runs
+    reason = f.resize_unsupported(mode, antialias)
+    if reason is not None:
+        raise Unsupported(f"F.interpolate: {reason}")
+
+
+def upsample_module(m: Any, child: Any) -> Layer:
+    """``nn.Upsample`` and its fixed-mode subclasses (nearest; bilinear, align_corners=True)."""
+    options = {
+        "size": m.size,
+        "scale_factor": m.scale_factor,
+        "mode": m.mode,
+        "align_corners": m.align_corners,
+        "recompute_scale_factor": m.recompute_scale_factor,
+    }
+    reason = f.resize_unsupported(m.mode, False)
+    if reason is not None:
+        raise Unsupported(reason)
+    return op(functools.partial(f.interpolate, **options))
+
+
 def softmax_module(fn: Callable[..., Any]) -> Callable[[Any, Any], Layer]:
     def convert(m: Any, child: Any) -> Layer:
         return op(functools.partial(fn, dim=m.dim))
@@ -287,6 +335,9 @@ def table() -> dict[Any, Any]:
         nn.ConstantPad2d: pad_module("constant"),
         nn.ReflectionPad2d: pad_module("reflect"),
         nn.ReplicationPad2d: pad_module("replicate"),
+        nn.Upsample: upsample_module,
+        nn.UpsamplingNearest2d: upsample_module,
+        nn.UpsamplingBilinear2d: upsample_module,
         # functions
         operator.add: operator.add,
         operator.sub: operator.sub,
@@ -353,6 +404,9 @@ def table() -> dict[Any, Any]:
         F.adaptive_avg_pool1d: functools.partial(f.adaptive_avg_pool, d=1),
         F.adaptive_avg_pool2d: functools.partial(f.adaptive_avg_pool, d=2),
         F.adaptive_max_pool2d: functools.partial(f.adaptive_max_pool, d=2),
+        # F.upsample, upsample_nearest and upsample_bilinear call this one, and
+        # FX records only the call inside.
+        F.interpolate: Checked(f.interpolate, check_interpolate),
         # tensor methods (the first argument is the tensor)
         "view": f.reshape,
         "reshape": f.reshape,

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._layers import Layer, plain_call
 from ._module import REQUIRED, Node, Program, Ref
-from ._ops import TrainAware, Unsupported, op, table
+from ._ops import Checked, TrainAware, Unsupported, op, table
 
 # Functions whose in-place form FX records as the plain operator.
 _INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.imul, operator.isub, operator.itruediv})
@@ -179,6 +179,13 @@ class Compiler:
                         "of the same arguments"
                     )
                     continue
+                if isinstance(fn, Checked):
+                    try:
+                        fn.check(*args, **dict(kwargs))
+                    except Unsupported as error:
+                        self.problems.append(f"{where}: {error}")
+                        continue
+                    fn = fn.fn
                 if node.kwargs.get("inplace") is True or node.target in _INPLACE_FUNCTIONS:
                     alias = _first_ref(args)
             elif node.op == "call_method":
