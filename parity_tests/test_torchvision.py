@@ -62,7 +62,14 @@ def build(name: str, seed: int = 0, **options: Any) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", MODELS)
+# The two largest (VGG's 130M parameters, Wide ResNet's 69M) take most of the
+# time: CI runs them, the fast lane does not.
+LARGE = {"vgg11_bn", "wide_resnet50_2"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in MODELS]
+)
 def test_model_converts_strictly_and_round_trips_into_a_fresh_model(name):
     model = build(name)
     variables = jaxbn.from_torch(model)  # strict
