@@ -20,8 +20,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "torch and the port layer by layer on a random input of shape --input: "
             "in eval, and in one training step (outputs, every parameter gradient and "
             "running statistic; dropout probabilities set to 0, as random masks "
-            "differ), each against torch in float64 next to torch's own float32. Prints the first divergence and exits 1 if there is one; "
-            "writes the variables (Flax msgpack) to -o."
+            "differ), each against torch in float64 next to torch's own float32. "
+            "Prints the first divergence and exits 1 if there is one; writes the "
+            "variables (Flax msgpack) to -o."
         ),
     )
     parser.add_argument("model", metavar="MODULE:FACTORY")
@@ -34,9 +35,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--factor",
         type=float,
         default=8.0,
-        help="torch also runs in float64 as the reference; a quantity passes when the "
-        "port's distance from it is within FACTOR times torch's own float32 distance "
-        "(default 8; rounding alone moves deep nets' float32 gradients by 1e-2)",
+        help="torch also runs in float64 as the reference; a tensor passes when its "
+        "error (relative to its largest value) is within FACTOR times the worst that "
+        "torch's own float32 run makes on a tensor of its kind (default 8; rounding "
+        "alone moves deep nets' float32 gradients by 1e-2)",
     )
     parser.add_argument(
         "--rtol",
