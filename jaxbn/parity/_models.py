@@ -217,6 +217,7 @@ def compare_models(
     order = {name: i for i, name in enumerate(ref.captured)}
 
     if vjp is not None:
+        layer_kinds = _module_kinds(own.model, kinds)  # the same for both runs
         cotangent = map_leaves(
             y_ans,
             lambda key, leaf: jnp.asarray(
@@ -227,7 +228,8 @@ def compare_models(
         )
         (grads,) = vjp(cotangent)
         rows += _compare_trees(
-            ref.grads(), {"params": grads}, own.grads() if ref is not own else None,
+            ref.grads(layer_kinds), {"params": grads},
+            own.grads(layer_kinds) if ref is not own else None,
             "grad", order, tolerance,
         )  # fmt: skip
     if train and "batch_stats" in state:
@@ -319,8 +321,9 @@ class _TorchRun:
 
         return record
 
-    def grads(self) -> dict[str, Any]:
-        return from_torch(_grads_as_state(self.model), kinds=_module_kinds(self.model, self.kinds))
+    def grads(self, layer_kinds: Mapping[str, str]) -> dict[str, Any]:
+        """The parameter gradients as Flax params, each layer read as ``layer_kinds`` says."""
+        return from_torch(_grads_as_state(self.model), kinds=layer_kinds)
 
     def stats(self) -> dict[str, Any]:
         return {"batch_stats": from_torch(self.model, kinds=self.kinds).get("batch_stats", {})}
