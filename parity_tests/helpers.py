@@ -18,6 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from jaxbn import parity
@@ -59,6 +60,21 @@ def run_case(kind: Kind, options: Options, *, jit: bool) -> None:
     result = parity.run_case(Case(kind, options, jit=jit))
     assert result.passed, "\n".join(result.failures)
     assert result.max_abs_diff, "nothing was compared"
+
+
+def fast_lane(*values: Any, keep: int = 1) -> list[Any]:
+    """Parametrize ``values`` with all but the first ``keep`` marked slow.
+
+    The fast lane (``-m "not slow"``) runs one case of a parametrized test;
+    CI runs them all. A value for several argument names is a ``pytest.param``.
+    """
+
+    def slow(value: Any) -> Any:
+        if isinstance(value, pytest.ParameterSet):
+            return pytest.param(*value.values, marks=[*value.marks, pytest.mark.slow], id=value.id)
+        return pytest.param(value, marks=pytest.mark.slow)
+
+    return [value if i < keep else slow(value) for i, value in enumerate(values)]
 
 
 def load_example(name: str) -> ModuleType:

@@ -27,7 +27,7 @@ from flax import nnx
 import jaxbn
 from jaxbn.parity import to_numpy, to_torch
 
-from .helpers import assert_close, reference_batch_norm
+from .helpers import assert_close, fast_lane, reference_batch_norm
 
 SHAPES = {
     "NC": ((8, 3), 1),
@@ -100,8 +100,8 @@ def jaxbn_fn(a, axis, *, training, affine=True, **kwargs):
     return f
 
 
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", fast_lane(True, False), ids=["affine", "no-affine"])
+@pytest.mark.parametrize("training", fast_lane(True, False), ids=["train", "eval"])
 @pytest.mark.parametrize("layout", SHAPES.keys())
 def test_jvp_matches_torch_forward_ad(layout, training, affine):
     shape, axis = SHAPES[layout]
@@ -139,7 +139,7 @@ def close(ans, ref, what, tol=2e-5):
         np.testing.assert_allclose(a, r, rtol=tol, atol=tol, err_msg=f"{what} [{i}]")
 
 
-@pytest.mark.parametrize("layout", ["NC", "NHWC"])
+@pytest.mark.parametrize("layout", fast_lane("NC", "NHWC"))
 def test_jacfwd_and_linearize_match_autodiff_of_a_reference(layout):
     shape, axis = SHAPES[layout]
     a = arrays(shape, axis)
@@ -156,7 +156,7 @@ def test_jacfwd_and_linearize_match_autodiff_of_a_reference(layout):
     close(jax.linear_transpose(linear, *primals)(y), jax.vjp(ref, *primals)[1](y), "transpose")
 
 
-@pytest.mark.parametrize("order", ["fwd-over-rev", "rev-over-fwd", "fwd-over-fwd"])
+@pytest.mark.parametrize("order", fast_lane("fwd-over-rev", "rev-over-fwd", "fwd-over-fwd"))
 def test_hessian_matches_autodiff_of_a_reference(order):
     """Second order, all three ways, of a loss that is not quadratic in the output."""
     shape, axis = (4, 3, 2), 1

@@ -18,6 +18,7 @@ from .helpers import load_example as load
 QUANTITIES = {"outputs", "gradients", "weights", "running statistics", "eval outputs"}
 
 
+@pytest.mark.slow  # the fast lane has one process's devices (test_scale_out)
 def test_two_processes_match_torch_on_the_global_batch():
     results = load("multi_process").launch(2, 4, timeout=400, verbose=False)
     assert [r["process"] for r in results] == [0, 1]

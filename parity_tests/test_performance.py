@@ -15,7 +15,7 @@ import pytest
 
 import jaxbn
 
-from .helpers import reference_batch_norm, run_jaxbn
+from .helpers import fast_lane, reference_batch_norm, run_jaxbn
 
 
 def inputs(shape, axis, seed=0, offset=2.0):
@@ -33,7 +33,18 @@ def jaxbn_train(x, scale, bias, axis):
 
 
 @pytest.mark.parametrize(
-    ("shape", "axis"), [((6, 4, 5, 3), 1), ((6, 5, 3, 4), -1), ((9, 7), 1), ((3, 2, 4, 2, 3), 1)]
+    ("shape", "axis"),
+    fast_lane(
+        *(
+            pytest.param(shape, axis)
+            for shape, axis in [
+                ((6, 4, 5, 3), 1),
+                ((6, 5, 3, 4), -1),
+                ((9, 7), 1),
+                ((3, 2, 4, 2, 3), 1),
+            ]
+        )
+    ),
 )
 def test_custom_vjp_matches_autodiff(shape, axis):
     x, scale, bias, g = inputs(shape, axis)
@@ -71,6 +82,7 @@ def test_second_order_gradients_match_autodiff():
         np.testing.assert_allclose(ans, ref, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow  # the fast lane has test_semantics' named-axis statistics
 def test_custom_vjp_under_vmap_and_named_axis():
     x, scale, bias, g = inputs((4, 6, 3), 2)  # 4 independent batches of (6, 3)
 

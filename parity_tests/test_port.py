@@ -238,6 +238,7 @@ def test_functional_dropout_and_stochastic_depth_follow_the_flax_train_flag():
         ported.module.apply({}, x, train=True)
 
 
+@pytest.mark.slow
 def test_googlenet_auxiliary_heads_run_in_training_only():
     torch.manual_seed(0)
     model = torchvision.models.googlenet(weights=None, init_weights=False)

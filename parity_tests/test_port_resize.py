@@ -22,7 +22,7 @@ import jaxbn
 from jaxbn.port import PortError
 from jaxbn.port._functions import interpolate
 
-from .helpers import assert_close
+from .helpers import assert_close, fast_lane
 
 SHAPES = {1: (2, 3, 7), 2: (2, 3, 7, 5), 3: (1, 2, 5, 4, 3)}
 LARGE = (1, 2, 70, 66)  # a 2-D output with H + W > 128: torch takes another kernel
@@ -127,7 +127,7 @@ TOLERANCE = {
 }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", fast_lane("float64", "float32"))
 def test_interpolate_matches_torch(dtype, request):
     if dtype == "float64":
         request.getfixturevalue("x64")
