@@ -32,19 +32,3 @@ def x64():
     """Enable jax_enable_x64 for one test."""
     with jax.enable_x64(True):
         yield
-
-
-def pytest_configure(config):
-    """Keep compiled programs in pytest's cache, so a rerun compiles only what changed.
-
-    Measured on 2 idle cores: the fast lane's second run takes half the
-    time of its first. ``pytest --cache-clear`` (or ``-p no:cacheprovider``,
-    which turns the cache off) starts cold. A size bound turns on jax's
-    file lock, which xdist workers sharing the cache need (and keeps it
-    under 1 GiB, least recently used out first).
-    """
-    cache = getattr(config, "cache", None)
-    if cache is not None:
-        jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax-compilation")))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_compilation_cache_max_size", 2**30)

@@ -8,7 +8,7 @@ through ``to_torch`` into a freshly built model that loads it with
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -200,7 +200,7 @@ def test_a_template_places_bare_parameters():
 
 
 def test_a_flatten_before_a_linear_is_flagged():
-    vgg = build("vgg11_bn")
+    vgg = cast(torchvision.models.VGG, build("vgg11_bn"))
     # the classifier made small; what is flagged, a Linear on 512x7x7 features, kept
     vgg.classifier[0] = torch.nn.Linear(512 * 7 * 7, 8)
     vgg.classifier[3] = torch.nn.Linear(8, 8)
