@@ -12,7 +12,7 @@ import pathlib
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -62,8 +62,8 @@ def run_case(kind: Kind, options: Options, *, jit: bool) -> None:
     assert result.max_abs_diff, "nothing was compared"
 
 
-def fast_lane(*values: Any, keep: int = 1) -> list[Any]:
-    """Parametrize ``values`` with all but the first ``keep`` marked slow.
+def fast_lane(*values: Any, keep: int | Collection[Any] = 1) -> list[Any]:
+    """Parametrize ``values`` with all but the first ``keep`` (or those in ``keep``) marked slow.
 
     The fast lane (``-m "not slow"``) runs one case of a parametrized test;
     CI runs them all. A value for several argument names is a ``pytest.param``.
@@ -74,7 +74,10 @@ def fast_lane(*values: Any, keep: int = 1) -> list[Any]:
             return pytest.param(*value.values, marks=[*value.marks, pytest.mark.slow], id=value.id)
         return pytest.param(value, marks=pytest.mark.slow)
 
-    return [value if i < keep else slow(value) for i, value in enumerate(values)]
+    def fast(i: int, value: Any) -> bool:
+        return i < keep if isinstance(keep, int) else value in keep
+
+    return [value if fast(i, value) else slow(value) for i, value in enumerate(values)]
 
 
 def load_example(name: str) -> ModuleType:

@@ -28,6 +28,8 @@ import jaxbn
 from jaxbn.parity import LayerDiff, compare_models
 from jaxbn.port import without_dropout
 
+from .helpers import fast_lane
+
 # jax float32's error against torch float64 may be this many times torch
 # float32's own, plus a floor for quantities torch gets (nearly) exact.
 FACTOR = 8.0
@@ -217,7 +219,7 @@ def check_model(name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "name",
-    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS],
+    fast_lane(*MODELS, keep=FAST),
 )
 def test_ported_model_matches_torch(name):
     measured = check_model(name)

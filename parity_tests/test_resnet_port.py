@@ -15,7 +15,7 @@ import torch
 import jaxbn
 from jaxbn.parity import compare_models
 
-from .helpers import load_example
+from .helpers import fast_lane, load_example
 
 
 @functools.cache
@@ -52,7 +52,7 @@ CANONICAL_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", fast_lane("resnet18", "resnet50"))
 def test_torchvision_layout_converts_strictly_and_matches_in_eval(arch, tmp_path):
     torch_model, flax_model = calibrated(arch)
     state = torch_model.state_dict()
@@ -84,9 +84,7 @@ def tiny(arch: str = "resnet18"):
     return torch_model, flax_model, variables, x
 
 
-@pytest.mark.parametrize(
-    "train", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eval", "train"]
-)
+@pytest.mark.parametrize("train", fast_lane(False, True), ids=["eval", "train"])
 def test_harness_reports_clean_for_a_correct_port(train):
     torch_model, flax_model, variables, x = tiny()
     report = compare_models(

@@ -18,7 +18,7 @@ import torchvision
 import jaxbn
 from jaxbn.convert import batch_norm_settings, inspect
 
-from .helpers import assert_same_state
+from .helpers import assert_same_state, fast_lane
 
 # Every torchvision classification family that has BatchNorm.
 MODELS = [
@@ -67,9 +67,7 @@ def build(name: str, seed: int = 0, **options: Any) -> torch.nn.Module:
 FAST = {"resnet18", "googlenet", "mobilenet_v3_small", "mnasnet1_0"}
 
 
-@pytest.mark.parametrize(
-    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
-)
+@pytest.mark.parametrize("name", fast_lane(*MODELS, keep=FAST))
 def test_model_converts_strictly_and_round_trips_into_a_fresh_model(name):
     model = build(name)
     variables = jaxbn.from_torch(model)  # strict
