@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxbn import parity
+from jaxbn import cli, parity
 from jaxbn.parity import TOLERANCES, Case, Kind, Options, Step, compare, step_quantities, to_numpy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -121,6 +121,19 @@ def run_jaxbn(
 ) -> subprocess.CompletedProcess[str]:
     """The ``jaxbn`` command (``python -m jaxbn.cli``) in a fresh process."""
     return run("python", "-m", "jaxbn.cli", *args, timeout=timeout)
+
+
+def jaxbn_here(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
+    """``jaxbn ARGV`` in this process: (exit code, stdout, stderr); never a traceback.
+
+    The same code as the command, without a fresh process's 5 s of importing
+    jax and torch; tests of the process itself (entry point, closed pipes)
+    use :func:`run_jaxbn`.
+    """
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err + out
+    return code, out, err
 
 
 # --- the README's printed samples -----------------------------------------------

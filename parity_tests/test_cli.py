@@ -20,18 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from jaxbn import _bench, cli, parity
+from jaxbn import _bench, parity
 from jaxbn.convert import LAYERS, load_variables, save_variables
 
-from .helpers import assert_sample_matches, readme_sample, run, run_jaxbn
-
-
-def jaxbn(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
-    """``jaxbn ARGV`` in-process: (exit code, stdout, stderr); never a traceback."""
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err + out
-    return code, out, err
+from .helpers import assert_sample_matches, jaxbn_here, readme_sample, run
 
 
 def one_line(err: str) -> str:
@@ -68,19 +60,19 @@ def checkpoints(tmp_path, monkeypatch):
 
 
 def test_version(capsys):
-    code, out, _ = jaxbn(capsys, "--version")
+    code, out, _ = jaxbn_here(capsys, "--version")
     assert code == 0
     assert re.fullmatch(r"jaxbn \d+\.\d+\.\d+ \(jax .*, flax .*, torch .*\)\n", out)
 
 
 def test_no_command_is_a_usage_error(capsys):
-    code, _, err = jaxbn(capsys)
+    code, _, err = jaxbn_here(capsys)
     assert code == 2
     assert "jaxbn: the following arguments are required: COMMAND (see 'jaxbn --help')" in err
 
 
 def test_a_wrong_flag_prints_the_subcommands_usage(capsys):
-    code, _, err = jaxbn(capsys, "convert", "good.pth", "-o", "x.msgpack", "--bogus")
+    code, _, err = jaxbn_here(capsys, "convert", "good.pth", "-o", "x.msgpack", "--bogus")
     assert code == 2
     assert err.startswith("usage: jaxbn convert ")
     assert one_line(err) == (
@@ -89,7 +81,7 @@ def test_a_wrong_flag_prints_the_subcommands_usage(capsys):
 
 
 def test_a_bad_option_value_names_the_option(capsys):
-    code, _, err = jaxbn(capsys, "bench", "--reps", "0")
+    code, _, err = jaxbn_here(capsys, "bench", "--reps", "0")
     assert code == 2
     assert err.startswith("usage: jaxbn bench ")
     assert "argument --reps: expected a positive whole number, got '0'" in one_line(err)
@@ -189,7 +181,7 @@ def test_without_torch_the_commands_that_need_it_say_so(tmp_path):
     ],
 )
 def test_wrong_arguments_are_refused_before_any_work(capsys, checkpoints, argv, message):
-    code, out, err = jaxbn(capsys, *argv)
+    code, out, err = jaxbn_here(capsys, *argv)
     assert code == 2
     assert one_line(err) == message
     assert out == ""  # nothing was converted or listed first
@@ -200,7 +192,7 @@ def test_wrong_arguments_are_refused_before_any_work(capsys, checkpoints, argv, 
 def test_an_unwritable_output_is_refused_before_converting(capsys, checkpoints):
     locked = checkpoints / "locked"
     locked.mkdir(mode=0o500)
-    code, out, err = jaxbn(capsys, "convert", "good.pth", "-o", locked / "x.msgpack")
+    code, out, err = jaxbn_here(capsys, "convert", "good.pth", "-o", locked / "x.msgpack")
     assert code == 2
     assert "permission denied; choose a writable path" in one_line(err)
     assert out == ""
@@ -209,7 +201,7 @@ def test_an_unwritable_output_is_refused_before_converting(capsys, checkpoints):
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_a_bare_tensor_is_not_a_state_dict(capsys, checkpoints, command):
     argv = [command, "tensor.pt", *(["-o", "x.msgpack"] if command == "convert" else [])]
-    code, _, err = jaxbn(capsys, *argv)
+    code, _, err = jaxbn_here(capsys, *argv)
     assert code == 1
     assert one_line(err) == (
         "jaxbn: tensor.pt holds a Tensor, not a state dict of named tensors; save one with "
@@ -219,7 +211,7 @@ def test_a_bare_tensor_is_not_a_state_dict(capsys, checkpoints, command):
 
 
 def test_a_corrupt_checkpoint_is_one_line(capsys, checkpoints):
-    code, _, err = jaxbn(capsys, "inspect", "corrupt.pt")
+    code, _, err = jaxbn_here(capsys, "inspect", "corrupt.pt")
     assert code == 1
     assert one_line(err).startswith("jaxbn: corrupt.pt: not a readable PyTorch checkpoint")
 
@@ -228,14 +220,14 @@ def test_a_corrupt_checkpoint_is_one_line(capsys, checkpoints):
 
 
 def test_convert_writes_a_clean_checkpoint(capsys, checkpoints):
-    code, out, err = jaxbn(capsys, "convert", "good.pth", "-o", "x.msgpack")
+    code, out, err = jaxbn_here(capsys, "convert", "good.pth", "-o", "x.msgpack")
     assert (code, err) == (0, "")
     assert "wrote x.msgpack (7 arrays)" in out
     assert int(load_variables("x.msgpack")["batch_stats"]["bn"]["num_batches_tracked"]) == 7
 
 
 def test_an_ambiguous_layer_writes_nothing_and_says_the_flags(capsys, checkpoints):
-    code, out, err = jaxbn(capsys, "convert", "ambiguous.pth", "-o", "x.msgpack")
+    code, out, err = jaxbn_here(capsys, "convert", "ambiguous.pth", "-o", "x.msgpack")
     assert code == 1
     assert not (checkpoints / "x.msgpack").exists()
     assert (
@@ -248,7 +240,7 @@ def test_an_ambiguous_layer_writes_nothing_and_says_the_flags(capsys, checkpoint
         "(--kind PREFIX=KIND, --template VARS), or pass --partial to write what converted"
     )
     # The hint works as printed.
-    code, out, _ = jaxbn(
+    code, out, _ = jaxbn_here(
         capsys, "convert", "ambiguous.pth", "-o", "x.msgpack", "--kind", "embed=Embedding"
     )
     assert code == 0
@@ -259,7 +251,7 @@ def test_the_hint_leaves_out_the_template_when_one_was_given(capsys, checkpoints
     # A template that settles nothing about `embed`: the ambiguity stays.
     template = {"params": {"fc": {"kernel": np.zeros((3, 2), np.float32)}}}
     save_variables("template.msgpack", template)
-    code, out, err = jaxbn(
+    code, out, err = jaxbn_here(
         capsys, "convert", "ambiguous.pth", "-o", "x.msgpack", "--template", "template.msgpack"
     )
     assert code == 1
@@ -269,22 +261,24 @@ def test_the_hint_leaves_out_the_template_when_one_was_given(capsys, checkpoints
 
 
 def test_an_unconverted_tensor_writes_nothing_unless_partial(capsys, checkpoints):
-    code, out, err = jaxbn(capsys, "convert", "unconverted.pth", "-o", "x.msgpack")
+    code, out, err = jaxbn_here(capsys, "convert", "unconverted.pth", "-o", "x.msgpack")
     assert code == 1
     assert "unconverted (1):\n  stem: no layer kind has these tensor names and ranks" in out
     assert "nothing written to x.msgpack" in one_line(err)
     assert not (checkpoints / "x.msgpack").exists()
-    code, out, err = jaxbn(capsys, "convert", "unconverted.pth", "-o", "x.msgpack", "--partial")
+    code, out, err = jaxbn_here(
+        capsys, "convert", "unconverted.pth", "-o", "x.msgpack", "--partial"
+    )
     assert (code, err) == (0, "")
     assert "wrote x.msgpack (7 arrays, 1 problem(s) left out)" in out
     assert set(load_variables("x.msgpack")["params"]) == {"fc", "bn"}
 
 
 def test_inspect_exits_1_when_it_lists_problems(capsys, checkpoints):
-    code, out, err = jaxbn(capsys, "inspect", "good.pth")
+    code, out, err = jaxbn_here(capsys, "inspect", "good.pth")
     assert (code, err) == (0, "")
     assert "7 tensors in 2 layers" in out
-    code, out, err = jaxbn(capsys, "inspect", "ambiguous.pth")
+    code, out, err = jaxbn_here(capsys, "inspect", "ambiguous.pth")
     assert code == 1
     assert "pass --kind embed=Linear or --kind embed=Embedding or --template VARS" in out
     assert one_line(err) == (
@@ -294,7 +288,7 @@ def test_inspect_exits_1_when_it_lists_problems(capsys, checkpoints):
 
 
 def test_a_counter_beyond_int32_says_the_flag(capsys, checkpoints):
-    code, _, err = jaxbn(capsys, "convert", "counter.pth", "-o", "x.msgpack")
+    code, _, err = jaxbn_here(capsys, "convert", "counter.pth", "-o", "x.msgpack")
     assert code == 1
     assert one_line(err) == (
         f"jaxbn: counter.pth: bn.num_batches_tracked = {2**40} does not fit in int32 "
@@ -302,7 +296,9 @@ def test_a_counter_beyond_int32_says_the_flag(capsys, checkpoints):
         "--saturate-counts to clamp it (it only matters for momentum=None)"
     )
     assert not (checkpoints / "x.msgpack").exists()
-    code, _, err = jaxbn(capsys, "convert", "counter.pth", "-o", "x.msgpack", "--saturate-counts")
+    code, _, err = jaxbn_here(
+        capsys, "convert", "counter.pth", "-o", "x.msgpack", "--saturate-counts"
+    )
     assert code == 0
     assert (
         err == f"jaxbn: warning: bn.num_batches_tracked = {2**40} saturated to 2147483647 (int32)\n"
@@ -315,16 +311,15 @@ def test_a_counter_beyond_int32_says_the_flag(capsys, checkpoints):
 SUBSET = "2d/affine/momentum=0.1/float32"  # jit; the 70 cases run in-process in test_parity
 
 
-def test_parity_command_runs_a_subset_and_saves_tolerances(tmp_path):
-    """The project's main job as a user runs it, on a subset (test_parity runs every case)."""
+def test_parity_command_runs_a_subset_and_saves_tolerances(capsys, tmp_path):
+    """The project's main job, on a subset (test_parity runs every case; CI runs the command)."""
     report = tmp_path / "parity.json"
-    result = run_jaxbn("parity", "-k", SUBSET, "--json", report)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert "1 of 1 cases passed." in result.stdout
-    assert "[1/1] ok   2d/affine/momentum=0.1/float32/jit" in result.stderr  # progress
-    assert "max |jaxbn - torch| over every training and eval step" in result.stdout
-    assert "float32: atol = rtol = 1e-05" in result.stdout
+    code, out, err = jaxbn_here(capsys, "parity", "-k", SUBSET, "--json", report)
+    assert code == 0, out + err
+    assert "1 of 1 cases passed." in out
+    assert "[1/1] ok   2d/affine/momentum=0.1/float32/jit" in err  # progress
+    assert "max |jaxbn - torch| over every training and eval step" in out
+    assert "float32: atol = rtol = 1e-05" in out
     saved = json.loads(report.read_text())
     assert saved["environment"]["torch"].startswith("2.")
     (case,) = saved["results"]
@@ -345,7 +340,9 @@ def test_parity_command_fails_loudly_on_a_mismatch(monkeypatch, capsys, tmp_path
         return ref, ans, variables
 
     monkeypatch.setattr(parity._cases, "make_pair", flax_momentum_on_torch_side)
-    code, out, _ = jaxbn(capsys, "parity", "-k", SUBSET + "/jit", "--json", tmp_path / "r.json")
+    code, out, _ = jaxbn_here(
+        capsys, "parity", "-k", SUBSET + "/jit", "--json", tmp_path / "r.json"
+    )
     assert code == 1
     assert "0 of 1 cases passed." in out
     assert "FAIL 2d/affine/momentum=0.1/float32/jit: train step 0 mean" in out
@@ -353,7 +350,7 @@ def test_parity_command_fails_loudly_on_a_mismatch(monkeypatch, capsys, tmp_path
 
 
 def test_parity_command_lists_and_filters(capsys):
-    code, out, _ = jaxbn(capsys, "parity", "--list", "-k", "3d/")
+    code, out, _ = jaxbn_here(capsys, "parity", "--list", "-k", "3d/")
     assert code == 0
     listed = out.split()
     assert listed
@@ -383,7 +380,7 @@ def test_parity_and_bench_refuse_bad_arguments_before_running(
     capsys, tmp_path, monkeypatch, argv, message
 ):
     monkeypatch.chdir(tmp_path)
-    code, out, err = jaxbn(capsys, *argv)
+    code, out, err = jaxbn_here(capsys, *argv)
     assert code == 2
     assert one_line(err) == message
     assert out == ""

@@ -28,7 +28,7 @@ from jaxbn.convert import (
 )
 from jaxbn.parity import to_numpy
 
-from .helpers import TORCH_DTYPES, assert_close, assert_same_state, bits, run_jaxbn
+from .helpers import TORCH_DTYPES, assert_close, assert_same_state, bits, jaxbn_here
 
 SPECIALS = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e-45, 3.4e38]
 
@@ -172,6 +172,14 @@ def zoo_inputs() -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     return t, f
 
 
+def zoo_template() -> dict[str, Any]:
+    """FlaxZoo's variables as zeros: a template's values are never read, and
+    an eager ``init`` (random initialisers, op by op) takes seconds."""
+    _, f = zoo_inputs()
+    shapes = jax.eval_shape(lambda: FlaxZoo().init(jax.random.key(0), f))
+    return dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+
+
 def torch_zoo_outputs(zoo: TorchZoo, t: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     zoo.eval()
     with torch.no_grad():
@@ -208,7 +216,7 @@ def trained_zoo() -> TorchZoo:
 def test_every_layer_kind_computes_what_torch_computes():
     zoo = trained_zoo()
     t, f = zoo_inputs()
-    template = FlaxZoo().init(jax.random.key(0), f)
+    template = zoo_template()
     variables = from_torch(zoo, template)  # strict: every key accounted for
     outputs = FlaxZoo().apply(variables, f)
     assert isinstance(outputs, dict)
@@ -256,8 +264,7 @@ def test_inspect_reports_what_from_torch_does_with_every_kind_of_template():
     from flax import nnx
 
     zoo = trained_zoo()
-    _, f = zoo_inputs()
-    linen = dict(FlaxZoo().init(jax.random.key(0), f))
+    linen = zoo_template()
     linen["params"] = {**linen["params"], "extra": {"kernel": jnp.zeros((2, 2))}}
     abstract = jax.eval_shape(lambda: linen)
 
@@ -283,8 +290,7 @@ def test_inspect_reports_what_from_torch_does_with_every_kind_of_template():
 
 def test_strict_accounting_lists_every_problem_at_once():
     zoo = trained_zoo()
-    _, f = zoo_inputs()
-    template = dict(FlaxZoo().init(jax.random.key(0), f))
+    template = zoo_template()
     params = dict(template["params"])
     params["extra"] = {"kernel": jnp.zeros((2, 2))}  # missing from the checkpoint
     params["linear"] = {
@@ -524,86 +530,83 @@ def test_msgpack_save_and_load_give_the_identical_tree(tmp_path, x64):
 # --- the command ---------------------------------------------------------------
 
 
-def test_convert_command_writes_a_loadable_file(tmp_path):
+def test_convert_command_writes_a_loadable_file(capsys, tmp_path):
     zoo = trained_zoo()
     torch.save({"state_dict": zoo.state_dict(), "epoch": 3}, tmp_path / "zoo.pt")
     out = tmp_path / "zoo.msgpack"
-    result = run_jaxbn(
+    code, printed, err = jaxbn_here(
+        capsys,
         "convert",
-        str(tmp_path / "zoo.pt"),
+        tmp_path / "zoo.pt",
         "-o",
-        str(out),
+        out,
         "--kind",
         "embed=Embedding",
         "--kind",
         "blocks.0=Linear",
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, err
     assert re.search(
         r"deconv\s+Conv\s+weight \[3, 5, 3, 2\]\s+->\s+params/deconv/kernel \[3, 2, 5, 3\] float32\s+spatial-first",
-        result.stdout,
+        printed,
     )
     assert re.search(
         r"linear\s+Linear\s+weight \[2, 6\]\s+->\s+params/linear/kernel \[6, 2\] float32\s+transposed",
-        result.stdout,
+        printed,
     )
-    assert f"wrote {out}" in result.stdout
-    assert "not converted: ['epoch']" in result.stdout
+    assert f"wrote {out}" in printed
+    assert "not converted: ['epoch']" in printed
     loaded = load_variables(out)
     expected = from_torch(zoo, kinds={"embed": "Embedding"})
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(bits(a), bits(b))
 
 
-@pytest.mark.slow  # test_cli checks the same refusals in-process
-def test_convert_command_fails_with_the_full_list(tmp_path):
+def test_convert_command_fails_with_the_full_list(capsys, tmp_path):
     zoo = trained_zoo()
     torch.save(zoo.state_dict(), tmp_path / "zoo.pt")
-    result = run_jaxbn(
-        "convert", str(tmp_path / "zoo.pt"), "-o", str(tmp_path / "out.msgpack"), "--strict"
-    )
-    assert result.returncode == 1
-    assert "ambiguous (2):" in result.stdout
-    assert "nothing written to" in result.stderr
-    assert not (tmp_path / "out.msgpack").exists()
+    out = tmp_path / "out.msgpack"
+    code, printed, err = jaxbn_here(capsys, "convert", tmp_path / "zoo.pt", "-o", out, "--strict")
+    assert code == 1
+    assert "ambiguous (2):" in printed
+    assert "nothing written to" in err
+    assert not out.exists()
     # A template with a wrong shape: listed, exit 1.
-    _, f = zoo_inputs()
-    template = dict(FlaxZoo().init(jax.random.key(0), f))
+    template = zoo_template()
     template["params"] = {
         **template["params"],
         "linear": {"kernel": np.zeros((6, 3), np.float32), "bias": np.zeros(2, np.float32)},
     }
     save_variables(tmp_path / "template.msgpack", template)
-    result = run_jaxbn(
+    code, printed, _ = jaxbn_here(
+        capsys,
         "convert",
-        str(tmp_path / "zoo.pt"),
+        tmp_path / "zoo.pt",
         "-o",
-        str(tmp_path / "out.msgpack"),
+        out,
         "--template",
-        str(tmp_path / "template.msgpack"),
+        tmp_path / "template.msgpack",
     )
-    assert result.returncode == 1
+    assert code == 1
     assert (
         "params/linear/kernel (torch linear.weight): converted float32[6, 2], template float32[6, 3]"
-        in result.stdout
+        in printed
     )
-    result = run_jaxbn("convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "out.msgpack"))
-    assert result.returncode == 2  # a wrong argument, refused before any work
-    assert "nope.pt: no such file" in result.stderr
+    code, _, err = jaxbn_here(capsys, "convert", tmp_path / "nope.pt", "-o", out)
+    assert code == 2  # a wrong argument, refused before any work
+    assert "nope.pt: no such file" in err
 
 
-def test_inspect_command_lists_layers_and_kinds(tmp_path):
+def test_inspect_command_lists_layers_and_kinds(capsys, tmp_path):
     torch.save(trained_zoo().state_dict(), tmp_path / "zoo.pt")
-    result = run_jaxbn("inspect", str(tmp_path / "zoo.pt"))
-    assert result.returncode == 1, result.stderr  # it lists problems: the ambiguous layers
-    assert re.search(
-        r"bn\s+BatchNorm\s+weight \[4\]\s+->\s+params/bn/scale \[4\] float32", result.stdout
-    )
+    code, printed, err = jaxbn_here(capsys, "inspect", tmp_path / "zoo.pt")
+    assert code == 1, err  # it lists problems: the ambiguous layers
+    assert re.search(r"bn\s+BatchNorm\s+weight \[4\]\s+->\s+params/bn/scale \[4\] float32", printed)
     assert re.search(
         r"num_batches_tracked \[\]\s+->\s+batch_stats/bn/num_batches_tracked \[\] int32\s+count",
-        result.stdout,
+        printed,
     )
-    assert "embed (weight): could be Linear or Embedding; pass --kind embed=Linear" in result.stdout
+    assert "embed (weight): could be Linear or Embedding; pass --kind embed=Linear" in printed
     assert not list(tmp_path.glob("*.msgpack"))
 
 
