@@ -390,6 +390,35 @@ def unsupported_cnn() -> torch.nn.Module:
     return Unsupported()
 
 
+def unseeded_cnn() -> torch.nn.Module:
+    """A factory that leaves its weights to torch's global RNG, as torchvision's do."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+
+
+def test_cli_seeds_the_factory_so_a_rerun_reports_the_same(tmp_path, capsys):
+    """One command, one report: the factory's random init follows --seed, not torch's state."""
+    from jaxbn.convert import load_variables
+
+    def ported(seed: int) -> list[np.ndarray]:
+        out = tmp_path / f"v{len(list(tmp_path.iterdir()))}.msgpack"
+        argv = ["port", "parity_tests.test_port:unseeded_cnn", "--input", "2,3,8,8"]
+        code = main([*argv, "--seed", str(seed), "-o", str(out)])
+        assert code == 0, capsys.readouterr().out
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(load_variables(out)["params"])]
+
+    first, again, other = ported(0), ported(0), ported(1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_cli_ports_checks_and_writes(tmp_path, capsys):
     out = tmp_path / "v.msgpack"
     code = main(["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12", "-o", str(out)])

@@ -48,7 +48,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--atol", type=float, default=0.0, help="plus this (default 0)")
     parser.add_argument("--table", action="store_true", help="print every row of the reports")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds torch before the model is built (its initial weights, unless "
+        "--checkpoint replaces them) and the random input (default 0)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -84,9 +90,12 @@ def _run(args: argparse.Namespace) -> int:
             f"expected MODULE:FACTORY such as torchvision.models:resnet18, got {args.model!r}",
             USAGE,
         )
-    model = build_model(args.model)
     import numpy as np
     import torch
+
+    # The same command, the same report: the factory's random init is seeded.
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
 
     from ..convert import CheckpointError, load_checkpoint, save_variables
     from ..parity import compare_models
