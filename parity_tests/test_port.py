@@ -20,10 +20,10 @@ import torchvision
 from torchvision.ops import stochastic_depth
 
 import jaxbn
-from jaxbn.cli import main
+from jaxbn.convert import load_variables
 from jaxbn.port import PortError, TrainAware, without_dropout
 
-from .helpers import assert_close, assert_sample_matches, readme_sample, run_jaxbn
+from .helpers import assert_close, assert_sample_matches, jaxbn_here, readme_sample, run_jaxbn
 
 
 def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
@@ -404,16 +404,15 @@ def unseeded_cnn() -> torch.nn.Module:
 
 def test_cli_seeds_the_factory_so_a_rerun_reports_the_same(tmp_path, capsys):
     """One command, one report: the factory's random init follows --seed, not torch's state."""
-    from jaxbn.convert import load_variables
 
-    def ported(seed: int) -> list[np.ndarray]:
-        out = tmp_path / f"v{len(list(tmp_path.iterdir()))}.msgpack"
+    def ported(seed: int, name: str) -> list[np.ndarray]:
+        out = tmp_path / f"{name}.msgpack"
         argv = ["port", "parity_tests.test_port:unseeded_cnn", "--input", "2,3,8,8"]
-        code = main([*argv, "--seed", str(seed), "-o", str(out)])
-        assert code == 0, capsys.readouterr().out
+        code, printed, _ = jaxbn_here(capsys, *argv, "--seed", seed, "-o", out)
+        assert code == 0, printed
         return [np.asarray(leaf) for leaf in jax.tree.leaves(load_variables(out)["params"])]
 
-    first, again, other = ported(0), ported(0), ported(1)
+    first, again, other = ported(0, "first"), ported(0, "again"), ported(1, "other")
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
@@ -421,14 +420,13 @@ def test_cli_seeds_the_factory_so_a_rerun_reports_the_same(tmp_path, capsys):
 
 def test_cli_ports_checks_and_writes(tmp_path, capsys):
     out = tmp_path / "v.msgpack"
-    code = main(["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12", "-o", str(out)])
-    printed = capsys.readouterr().out
+    code, printed, _ = jaxbn_here(
+        capsys, "port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12", "-o", out
+    )
     assert code == 0, printed
     assert "eval: " in printed
     assert "training step: " in printed
     assert "within 8x torch's own float32 error (vs float64)" in printed
-    from jaxbn.convert import load_variables
-
     variables = load_variables(out)
     expected = jaxbn.from_torch(tiny_cnn())
     assert jax.tree.structure(variables) == jax.tree.structure(expected)
@@ -448,19 +446,20 @@ def test_cli_prints_the_first_divergence_and_fails(monkeypatch, capsys):
     from jaxbn.port import _functions, _ops
 
     monkeypatch.setitem(_ops.table(), torch.nn.Hardswish, lambda m, child: _ops.op(_functions.relu))
-    code = main(["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"])
-    printed = capsys.readouterr().out
+    code, printed, _ = jaxbn_here(
+        capsys, "port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"
+    )
     assert code == 1, printed
     assert "eval: first divergence at 6 (output)" in printed
     assert re.search(r"^6\s+output\s+4x8x4x4 .*<-- first divergence$", printed, re.M), printed
 
 
 def test_cli_reports_unsupported_ops(capsys):
-    code = main(["port", "parity_tests.test_port:unsupported_cnn", "--input", "2,3,8,8"])
-    err = capsys.readouterr().err
+    code, _, err = jaxbn_here(
+        capsys, "port", "parity_tests.test_port:unsupported_cnn", "--input", "2,3,8,8"
+    )
     assert code == 1
     assert err.startswith("jaxbn: jaxbn.port: 3 unsupported operation(s)")
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -473,8 +472,7 @@ def test_cli_reports_unsupported_ops(capsys):
     ],
 )
 def test_cli_usage_errors_are_one_line(argv, message, capsys):
-    code = main(["port", *argv])
-    err = capsys.readouterr().err
+    code, _, err = jaxbn_here(capsys, "port", *argv)
     assert code == 2
     assert err.startswith("jaxbn: ")
     assert message in err
