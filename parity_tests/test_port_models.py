@@ -90,9 +90,8 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     "mnasnet0_5": (_torchvision("mnasnet0_5"), (4, 3, 32, 32)),
     "vgg11_bn": (_small_vgg, (4, 3, 32, 32)),
     "googlenet": (_torchvision("googlenet"), (4, 3, 32, 32)),
-    # Inception's auxiliary head needs 299x299 inputs in training (its 5x5
-    # conv after a stride-3 pool): test_inception_v3_auxiliary_head_... below.
-    "inception_v3": (_torchvision("inception_v3", aux_logits=False), (2, 3, 75, 75)),
+    # at the size its auxiliary head needs (a 5x5 conv after a stride-3 pool)
+    "inception_v3": (_torchvision("inception_v3"), (2, 3, 299, 299)),
     "resnet18_frozen_bn": (
         _torchvision("resnet18", norm_layer=torchvision.ops.FrozenBatchNorm2d),
         (4, 3, 32, 32),
@@ -101,6 +100,12 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     # Hardswish/SE blocks; a ResNet-D (deep stem, average-pool shortcuts).
     "timm_mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), (4, 3, 64, 64)),
     "timm_resnet18d": (_timm("resnet18d"), (4, 3, 32, 32)),
+}
+# Training outputs other than one tensor: torchvision's auxiliary heads,
+# which run in training only (eval gives the logits alone).
+TRAINING_OUTPUTS = {
+    "googlenet": {"output.logits", "output.aux_logits2", "output.aux_logits1"},
+    "inception_v3": {"output.logits", "output.aux_logits"},
 }
 # The fast lane: one plain BatchNorm CNN (test_port has each op on its own).
 # The rest run in CI.
@@ -189,12 +194,14 @@ def check_model(name: str) -> dict[str, Any]:
         assert torch.equal(fresh.state_dict()[key], value), key
 
     rows: dict[str, list[LayerDiff]] = {q: [] for q in QUANTITIES}
+    outputs: dict[bool, set[str]] = {}
     for train in (False, True):
         report = compare_models(
             model, ported.module, ported.variables, x, train=train,
             flax_kwargs={"train": train}, gradients=train,
             reference="float64", factor=FACTOR, rtol=FLOOR, atol=0.0,
         )  # fmt: skip
+        outputs[train] = {row.quantity for row in report.rows if row.layer == ""}
         failed = [row for row in report.rows if not row.ok]
         assert not failed, f"{name} train={train}: {report.summary()}\n" + "\n".join(
             f"  {r.layer} {r.quantity}: {r.max_abs:.2e} (torch's own {r.torch_max_abs:.2e}), "
@@ -214,6 +221,7 @@ def check_model(name: str) -> dict[str, Any]:
     measured: dict[str, Any] = {q: worst(rows[q]) for q in QUANTITIES if rows[q]}
     measured["seconds"] = time.perf_counter() - start
     RESULTS[name] = measured
+    assert outputs == {False: {"output"}, True: TRAINING_OUTPUTS.get(name, {"output"})}
     return measured
 
 
@@ -224,34 +232,3 @@ def check_model(name: str) -> dict[str, Any]:
 def test_ported_model_matches_torch(name):
     measured = check_model(name)
     print(name, {k: v for k, v in measured.items()})
-
-
-@pytest.mark.slow
-def test_inception_v3_auxiliary_head_runs_in_training_only():
-    """Inception v3 at 299x299, the size its auxiliary head needs: both outputs, both modes.
-
-    The gradients through these layers are the 75x75 row's (without the
-    head); here the head's outputs and running statistics in a training
-    step, and eval's plain logits, against float64 torch.
-    """
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = randomise(_torchvision("inception_v3")())
-    assert model.aux_logits
-    x = np.random.default_rng(0).standard_normal((2, 3, 299, 299)).astype(np.float32)
-    ported = jaxbn.port(model, torch.from_numpy(x))
-    for train in (False, True):
-        report = compare_models(
-            model, ported.module, ported.variables, x, train=train,
-            flax_kwargs={"train": train}, reference="float64", factor=FACTOR, rtol=FLOOR, atol=0.0,
-        )  # fmt: skip
-        assert report.ok, report.summary()
-        outputs = {row.quantity for row in report.rows if row.layer == ""}
-        assert outputs == ({"output.logits", "output.aux_logits"} if train else {"output"})
-        if train:  # the head's BatchNorms were updated, as torch's
-            assert any(
-                row.layer.startswith("AuxLogits.")
-                for row in report.rows
-                if row.quantity == "running_mean"
-            )
