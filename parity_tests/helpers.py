@@ -213,7 +213,12 @@ def assert_same_state(actual: dict[str, torch.Tensor], desired: dict[str, torch.
     for key, tensor in desired.items():
         assert actual[key].dtype == tensor.dtype, key
         assert actual[key].shape == tensor.shape, key
-        np.testing.assert_array_equal(bits(actual[key]), bits(tensor), err_msg=key)
+        # np.array_equal: np.testing's assertion took 10 s on vgg11_bn's 133M values
+        have, want = bits(actual[key]), bits(tensor)
+        if not np.array_equal(have, want):
+            raise AssertionError(
+                f"{key}: {np.count_nonzero(have != want)} of {want.size} bytes differ"
+            )
 
 
 def reference_batch_norm(x, scale, bias, axis, eps=1e-5):
