@@ -1,4 +1,4 @@
-"""Session configuration: eight CPU devices, strict dtype promotion, deterministic torch.
+"""Session set-up: eight CPU devices, strict dtype promotion, deterministic torch, compile cache.
 
 Shared helpers live in :mod:`parity_tests.helpers`; tests import them from
 there.
@@ -23,7 +23,7 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Strict dtype promotion in jax, deterministic algorithms in torch, where tests run.
+    """Strict dtype promotion and a compile cache in jax, deterministic torch, where tests run.
 
     Not in a pytest-xdist controller, which runs no tests: importing jax and
     torch there delayed the workers' start by 7 s.
@@ -34,6 +34,13 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
+    if config.cache is not None:
+        # Most of the suite's time is XLA compiling: a rerun takes compiled
+        # programs from .pytest_cache (`pytest --cache-clear` empties it),
+        # and the two workers share them. (With a size limit, jax locks and
+        # scans the folder on every write: the fast lane took 5 min, not 2.)
+        jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax")))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     torch.use_deterministic_algorithms(True)
 
 
