@@ -34,21 +34,23 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
-    if config.cache is not None:
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    if cache is not None:
         # Most of the suite's time is XLA compiling: a rerun takes compiled
         # programs from .pytest_cache (`pytest --cache-clear` empties it),
         # and the two workers share them. (With a size limit, jax locks and
         # scans the folder on every write: the fast lane took 5 min, not 2.)
-        jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax")))
+        jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax")))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     torch.use_deterministic_algorithms(True)
 
 
 # The modules whose tests compile whole models (15-90 s each, half the
-# suite's time). They run first, so that pytest-xdist hands out the hundreds
-# of short tests last and its workers finish together: run in name order,
-# densenet121 (90 s) started 13 minutes in and left the other worker idle
-# for 78 s.
+# suite's time) run first, and pyproject's --dist=worksteal lets an idle
+# worker take the other's last tests: in name order under xdist's default
+# scheduling, densenet121 (90 s) started 13 minutes in and left the other
+# worker idle for 78 s. (Heavy-first alone is worse: the default hands each
+# worker a contiguous chunk, so one of them got every model.)
 HEAVY_FIRST = ("test_port_models.py", "test_examples.py")
 
 
