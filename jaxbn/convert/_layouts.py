@@ -227,16 +227,16 @@ def _permuted(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     against numpy's 0.9-1.7 s (which of the two is the faster depends on
     how the memory was allocated).
     """
+    if axes == tuple(range(array.ndim)):
+        return array.copy()
     out = np.empty([array.shape[axis] for axis in axes], array.dtype)
     last = array.ndim - 1
-    if axes == tuple(range(array.ndim)):
-        out[...] = array
-        return out
+    first_at, last_at = axes.index(0), axes.index(last)  # where they go in ``out``
     source = [slice(None)] * array.ndim
     target = [slice(None)] * array.ndim
     for i in range(0, array.shape[0], _TILE):
         for j in range(0, array.shape[last], _TILE):
             source[0], source[last] = slice(i, i + _TILE), slice(j, j + _TILE)
-            target[axes.index(0)], target[axes.index(last)] = source[0], source[last]
+            target[first_at], target[last_at] = source[0], source[last]
             out[tuple(target)] = np.transpose(array[tuple(source)], axes)
     return out
