@@ -28,7 +28,7 @@ import jaxbn
 from jaxbn.parity import LayerDiff, compare_models
 from jaxbn.port import without_dropout
 
-from .helpers import fast_lane
+from .helpers import assert_same_state, fast_lane
 
 # jax float32's error against torch float64 may be this many times torch
 # float32's own, plus a floor for quantities torch gets (nearly) exact.
@@ -190,8 +190,7 @@ def check_model(name: str) -> dict[str, Any]:
     state = jaxbn.to_torch(ported.variables, model)  # strict, in the template's order
     fresh = factory()
     fresh.load_state_dict(state, strict=True)  # MNASNet checks the version metadata
-    for key, value in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[key], value), key
+    assert_same_state(fresh.state_dict(), model.state_dict())  # bit-exact, in order
 
     rows: dict[str, list[LayerDiff]] = {q: [] for q in QUANTITIES}
     outputs: dict[bool, set[str]] = {}
