@@ -136,3 +136,66 @@ def test_a_float64_reference_leaves_the_torch_model_in_its_dtype():
 def test_an_unknown_reference_is_refused():
     with pytest.raises(ValueError, match="reference must be 'same' or 'float64', got 'f64'"):
         run(train=False, reference="f64")
+
+
+class KinkedTorch(torch.nn.Module):
+    """fc1's first output is ``tiny`` for every sample: a ReLU input at its kink."""
+
+    def __init__(self, tiny: float) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 4)
+        self.relu = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc1.weight[0] = 0.0
+            self.fc1.bias[0] = tiny
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+class OtherSide(nn.Module):
+    """A ReLU that sees the first sample's first input negated: the other side of the kink."""
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return jax.nn.relu(h.at[0, 0].multiply(-1))
+
+
+class KinkedFlax(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        h = OtherSide(name="relu")(nn.Dense(4, name="fc1")(x))
+        return nn.Dense(3, name="fc2")(h)
+
+
+def kinked(tiny: float) -> ModelReport:
+    torch.manual_seed(0)
+    model = KinkedTorch(tiny)
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    return compare_models(
+        model, KinkedFlax(), jaxbn.from_torch(model), x, train=True,
+        flax_kwargs={"train": True}, gradients=True, reference="float64", rtol=0.0, atol=0.0,
+    )  # fmt: skip
+
+
+def test_a_gradient_that_hinges_on_a_kink_within_rounding_follows_jaxs_side():
+    """A ReLU input of 1e-9 that jax puts below 0 stops fc1's gradient there (by 1 relative
+    against float64); a float64 run that stops it too agrees, and the report says so."""
+    report = kinked(1e-9)
+    assert report.ok, report.table()
+    assert report.kinks == ("relu: 1 element",)
+    assert "jax's side of the kink" in report.summary()
+    grad = next(r for r in report.rows if (r.layer, r.quantity) == ("fc1", "grad weight"))
+    assert grad.torch_max_abs is not None
+    assert grad.max_abs <= 8 * grad.torch_max_abs + 1e-6 * grad.scale
+
+
+def test_a_kink_beyond_rounding_is_a_divergence():
+    """The same flip at an input of 1: a port error, not rounding; nothing is followed."""
+    report = kinked(1.0)
+    assert not report.ok
+    assert report.kinks == ()
+    first = report.first_divergence
+    assert first is not None
+    assert (first.layer, first.quantity) == ("relu", "output")
