@@ -157,24 +157,29 @@ class KinkedTorch(torch.nn.Module):
 class OtherSide(nn.Module):
     """A ReLU that sees the first sample's first input negated: the other side of the kink."""
 
+    extra_axis: bool = False  # a wrong output shape (undone by the caller)
+
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        return jax.nn.relu(h.at[0, 0].multiply(-1))
+        y = jax.nn.relu(h.at[0, 0].multiply(-1))
+        return y[..., None] if self.extra_axis else y
 
 
 class KinkedFlax(nn.Module):
+    extra_axis: bool = False
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = OtherSide(name="relu")(nn.Dense(4, name="fc1")(x))
-        return nn.Dense(3, name="fc2")(h)
+        h = OtherSide(self.extra_axis, name="relu")(nn.Dense(4, name="fc1")(x))
+        return nn.Dense(3, name="fc2")(h.reshape(x.shape[0], 4))
 
 
-def kinked(tiny: float) -> ModelReport:
+def kinked(tiny: float, extra_axis: bool = False) -> ModelReport:
     torch.manual_seed(0)
     model = KinkedTorch(tiny)
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     return compare_models(
-        model, KinkedFlax(), jaxbn.from_torch(model), x, train=True,
+        model, KinkedFlax(extra_axis), jaxbn.from_torch(model), x, train=True,
         flax_kwargs={"train": True}, gradients=True, reference="float64", rtol=0.0, atol=0.0,
     )  # fmt: skip
 
@@ -194,6 +199,15 @@ def test_a_gradient_that_hinges_on_a_kink_within_rounding_follows_jaxs_side():
 def test_a_kink_beyond_rounding_is_a_divergence():
     """The same flip at an input of 1: a port error, not rounding; nothing is followed."""
     report = kinked(1.0)
+    assert not report.ok
+    assert report.kinks == ()
+    first = report.first_divergence
+    assert first is not None
+    assert (first.layer, first.quantity) == ("relu", "output")
+
+
+def test_a_kinked_activation_of_the_wrong_shape_is_a_divergence_not_a_crash():
+    report = kinked(1e-9, extra_axis=True)
     assert not report.ok
     assert report.kinks == ()
     first = report.first_divergence

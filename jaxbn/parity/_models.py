@@ -504,7 +504,11 @@ def _kink_sides(
             ref.captured[name], own.captured[name], flax_outputs[name], strict=False
         ):
             exact = desired["output"]
-            ours = to_ref_layout(np.asarray(output_leaves(actual)["output"])).astype(exact.dtype)
+            ours = output_leaves(actual).get("output")
+            ours = None if ours is None else to_ref_layout(np.asarray(ours)).astype(exact.dtype)
+            if ours is None or ours.shape != exact.shape:  # a failed row already
+                calls.append(np.zeros(exact.shape, bool))
+                continue
             noise = np.max(np.abs(theirs["output"].astype(exact.dtype) - exact), initial=0.0)
             scale = np.max(np.abs(exact), initial=0.0)
             bound = tolerance.factor * noise + tolerance.atol + tolerance.rtol * scale
