@@ -113,6 +113,42 @@ def test_tensor_ops_match_torch(name):
     assert_close(actual, desired, what=name)
 
 
+# Activations with a kink, and inputs at each kink and around it: torch's
+# gradient there (ReLU's is 0 at 0, Hardswish's -0.5 at -3) is the port's.
+KINKED = {
+    "nn.ReLU": (torch.nn.ReLU(), (0.0,)),
+    "F.relu": (Fn(F.relu), (0.0,)),
+    "nn.ReLU6": (torch.nn.ReLU6(), (0.0, 6.0)),
+    "nn.Hardtanh": (torch.nn.Hardtanh(-0.5, 2.0), (-0.5, 2.0)),
+    "F.hardtanh": (Fn(lambda x: F.hardtanh(x, -1.0, 0.5)), (-1.0, 0.5)),
+    "nn.Hardswish": (torch.nn.Hardswish(), (-3.0, 3.0)),
+    "nn.Hardsigmoid": (torch.nn.Hardsigmoid(), (-3.0, 3.0)),
+    "nn.LeakyReLU": (torch.nn.LeakyReLU(0.2), (0.0,)),
+    "nn.ELU": (torch.nn.ELU(0.5), (0.0,)),
+    "nn.Softplus": (torch.nn.Softplus(beta=2.0, threshold=4.0), (2.0,)),
+    "clamp": (Fn(lambda x: torch.clamp(x, -1.0, 0.5)), (-1.0, 0.5)),
+    "clamp min": (Fn(lambda x: torch.clamp(x, min=-1.0)), (-1.0,)),
+    # tensor bounds: torch passes half the gradient at a tie
+    "clamp tensors": (Fn(lambda x: torch.clamp(x, x * 0 - 1.0, x * 0 + 0.5)), (-1.0, 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(KINKED))
+def test_activation_gradients_at_their_kinks_match_torch(name):
+    model, kinks = KINKED[name]
+    points = np.array([k + d for k in kinks for d in (-0.25, 0.0, 0.25)], np.float32)
+    x = np.broadcast_to(points, (2, 3, 2, len(points))).copy()
+    g = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    ported = jaxbn.port(model, torch.from_numpy(x))
+    x_t = torch.from_numpy(x).requires_grad_()
+    model(x_t * 1.0).backward(torch.from_numpy(g))  # (* 1.0: in place must not touch x)
+
+    def loss(x: jax.Array) -> jax.Array:
+        return jnp.sum(ported.module.apply(ported.variables, x, train=False) * g)
+
+    assert_close(jax.grad(loss)(jnp.asarray(x)), x_t.grad, what=name)
+
+
 def test_in_place_ops_change_the_tensor_for_later_users():
     """``F.relu(y, inplace=True)`` rewrites y: torch's later ``y + z`` sees relu(y) twice."""
 

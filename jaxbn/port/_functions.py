@@ -43,18 +43,31 @@ def _dims(dim: Any) -> Any:
 # --- activations -----------------------------------------------------------
 
 
+def _clamped(input: Array, low: float | None, high: float | None) -> Array:
+    """``input`` clamped to [low, high] with torch's gradient: 1 strictly
+    between the bounds, 0 at and beyond them (``jnp.maximum`` would pass
+    half at a tie: ReLU's gradient at 0 would be 0.5, not torch's 0).
+    NaN stays NaN."""
+    inside = jnp.ones(jnp.shape(input), bool)
+    if low is not None:
+        inside &= input > low
+    if high is not None:
+        inside &= input < high
+    return jnp.where(inside, input, lax.stop_gradient(jnp.clip(input, low, high)))
+
+
 def relu(input: Array, inplace: bool = False) -> Array:
-    return jnp.maximum(input, 0)
+    return _clamped(input, 0, None)
 
 
 def relu6(input: Array, inplace: bool = False) -> Array:
-    return jnp.minimum(jnp.maximum(input, 0), 6)
+    return _clamped(input, 0, 6)
 
 
 def hardtanh(
     input: Array, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
 ) -> Array:
-    return jnp.minimum(jnp.maximum(input, min_val), max_val)
+    return _clamped(input, min_val, max_val)
 
 
 def sigmoid(input: Array) -> Array:
@@ -70,11 +83,11 @@ def tanh(input: Array) -> Array:
 
 
 def hardsigmoid(input: Array, inplace: bool = False) -> Array:
-    return jnp.minimum(jnp.maximum(input + 3, 0), 6) / 6
+    return _clamped(input + 3, 0, 6) / 6
 
 
 def hardswish(input: Array, inplace: bool = False) -> Array:
-    return input * jnp.minimum(jnp.maximum(input + 3, 0), 6) / 6
+    return input * _clamped(input + 3, 0, 6) / 6
 
 
 def gelu(input: Array, approximate: str = "none") -> Array:
@@ -783,7 +796,9 @@ def identity(input: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def clamp(input: Array, min: Any = None, max: Any = None) -> Array:
-    return jnp.clip(input, min, max)
+    if all(bound is None or isinstance(bound, (int, float)) for bound in (min, max)):
+        return _clamped(input, min, max)  # torch: gradient 0 at a number bound
+    return jnp.clip(input, min, max)  # torch, like jnp: half at a tensor bound
 
 
 def linear(input: Array, weight: Array, bias: Array | None = None) -> Array:
