@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -139,77 +140,97 @@ def test_an_unknown_reference_is_refused():
 
 
 class KinkedTorch(torch.nn.Module):
-    """fc1's first output is ``tiny`` for every sample: a ReLU input at its kink."""
+    """fc1's first output is ``at`` for every sample: an activation input at its kink."""
 
-    def __init__(self, tiny: float) -> None:
+    def __init__(self, at: float, act: torch.nn.Module) -> None:
         super().__init__()
         self.fc1 = torch.nn.Linear(4, 4)
-        self.relu = torch.nn.ReLU()
+        self.act = act
         self.fc2 = torch.nn.Linear(4, 3)
         with torch.no_grad():
             self.fc1.weight[0] = 0.0
-            self.fc1.bias[0] = tiny
+            self.fc1.bias[0] = at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.relu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class OtherSide(nn.Module):
-    """A ReLU that sees the first sample's first input negated: the other side of the kink."""
+    """The activation, with the first sample's first input moved to ``to`` (its
+    gradient unchanged): jax on the other side of the kink, as rounding can put it."""
 
+    to: float
+    low: float = 0.0
+    high: float = np.inf
     extra_axis: bool = False  # a wrong output shape (undone by the caller)
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        y = jax.nn.relu(h.at[0, 0].multiply(-1))
+        h = h.at[0, 0].add(jax.lax.stop_gradient(self.to - h[0, 0]))
+        inside = (h > self.low) & (h < self.high)  # torch's gradient at a tie: 0
+        y = jnp.where(inside, h, jax.lax.stop_gradient(jnp.clip(h, self.low, self.high)))
         return y[..., None] if self.extra_axis else y
 
 
 class KinkedFlax(nn.Module):
-    extra_axis: bool = False
+    act: OtherSide
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = OtherSide(self.extra_axis, name="relu")(nn.Dense(4, name="fc1")(x))
+        h = self.act(nn.Dense(4, name="fc1")(x))  # named "act", as its field
         return nn.Dense(3, name="fc2")(h.reshape(x.shape[0], 4))
 
 
-def kinked(tiny: float, extra_axis: bool = False) -> ModelReport:
+def kinked(at: float, act: OtherSide, torch_act: torch.nn.Module | None = None) -> ModelReport:
     torch.manual_seed(0)
-    model = KinkedTorch(tiny)
-    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    model = KinkedTorch(at, torch_act or torch.nn.ReLU(inplace=True))
+    x = 3 * np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     return compare_models(
-        model, KinkedFlax(extra_axis), jaxbn.from_torch(model), x, train=True,
+        model, KinkedFlax(act), jaxbn.from_torch(model), x, train=True,
         flax_kwargs={"train": True}, gradients=True, reference="float64", rtol=0.0, atol=0.0,
     )  # fmt: skip
 
 
-def test_a_gradient_that_hinges_on_a_kink_within_rounding_follows_jaxs_side():
-    """A ReLU input of 1e-9 that jax puts below 0 stops fc1's gradient there (by 1 relative
-    against float64); a float64 run that stops it too agrees, and the report says so."""
-    report = kinked(1e-9)
+@pytest.mark.parametrize(
+    ("at", "to"), [(1e-9, -1e-9), (-1e-9, 1e-9)], ids=["jax stops it", "jax passes it"]
+)
+def test_a_gradient_that_hinges_on_a_kink_within_rounding_follows_jaxs_side(at, to):
+    """A ReLU (in place) input of 1e-9 that jax sees on the other side of 0 changes fc1's
+    gradient by 1 relative to float64; a float64 run on jax's side agrees, and the report
+    says so."""
+    report = kinked(at, OtherSide(to))
     assert report.ok, report.table()
-    assert report.kinks == ("relu: 1 element",)
+    assert report.kinks == ("act: 1 element",)
     assert "jax's side of the kink" in report.summary()
     grad = next(r for r in report.rows if (r.layer, r.quantity) == ("fc1", "grad weight"))
     assert grad.torch_max_abs is not None
     assert grad.max_abs <= 8 * grad.torch_max_abs + 1e-6 * grad.scale
 
 
+def test_a_bound_float32_cannot_hold_is_read_in_each_runs_own_dtype():
+    """Hardtanh(-1, 0.7): jax clips at float32(0.7), float64 at 0.7. The clipped elements
+    are on the same side in both; only the real flip, at -1, is followed."""
+    below = float(np.nextafter(np.float32(-1), np.float32(0)))
+    act = OtherSide(-1.0000001, low=-1.0, high=0.7)
+    report = kinked(below, act, torch.nn.Hardtanh(-1.0, 0.7))
+    assert report.ok, report.table()
+    assert report.kinks == ("act: 1 element",)
+
+
 def test_a_kink_beyond_rounding_is_a_divergence():
     """The same flip at an input of 1: a port error, not rounding; nothing is followed."""
-    report = kinked(1.0)
+    report = kinked(1.0, OtherSide(-1.0))
     assert not report.ok
     assert report.kinks == ()
     first = report.first_divergence
     assert first is not None
-    assert (first.layer, first.quantity) == ("relu", "output")
+    assert (first.layer, first.quantity) == ("act", "output")
 
 
 def test_a_kinked_activation_of_the_wrong_shape_is_a_divergence_not_a_crash():
-    report = kinked(1e-9, extra_axis=True)
+    report = kinked(1e-9, OtherSide(-1e-9, extra_axis=True))
     assert not report.ok
     assert report.kinks == ()
     first = report.first_divergence
     assert first is not None
-    assert (first.layer, first.quantity) == ("relu", "output")
+    assert (first.layer, first.quantity) == ("act", "output")
