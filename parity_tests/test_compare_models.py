@@ -174,19 +174,22 @@ class OtherSide(nn.Module):
 
 class KinkedFlax(nn.Module):
     act: OtherSide
+    fc2_scale: float = 1.0  # != 1: a wrong output, a port error besides the kink
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         h = self.act(nn.Dense(4, name="fc1")(x))  # named "act", as its field
-        return nn.Dense(3, name="fc2")(h.reshape(x.shape[0], 4))
+        return nn.Dense(3, name="fc2")(h.reshape(x.shape[0], 4)) * self.fc2_scale
 
 
-def kinked(at: float, act: OtherSide, torch_act: torch.nn.Module | None = None) -> ModelReport:
+def kinked(
+    at: float, act: OtherSide, torch_act: torch.nn.Module | None = None, fc2_scale: float = 1.0
+) -> ModelReport:
     torch.manual_seed(0)
     model = KinkedTorch(at, torch_act or torch.nn.ReLU(inplace=True))
     x = 3 * np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     return compare_models(
-        model, KinkedFlax(act), jaxbn.from_torch(model), x, train=True,
+        model, KinkedFlax(act, fc2_scale), jaxbn.from_torch(model), x, train=True,
         flax_kwargs={"train": True}, gradients=True, reference="float64", rtol=0.0, atol=0.0,
     )  # fmt: skip
 
@@ -234,3 +237,12 @@ def test_a_kinked_activation_of_the_wrong_shape_is_a_divergence_not_a_crash():
     first = report.first_divergence
     assert first is not None
     assert (first.layer, first.quantity) == ("act", "output")
+
+
+def test_a_port_error_besides_a_followed_kink_still_fails_and_says_both():
+    report = kinked(1e-9, OtherSide(-1e-9), fc2_scale=1.001)
+    assert not report.ok
+    assert report.kinks == ("act: 1 element",)
+    summary = report.summary()
+    assert summary.startswith("first divergence at <output> (output)"), summary
+    assert summary.endswith("within float32 rounding of it (act: 1 element)"), summary

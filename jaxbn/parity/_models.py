@@ -69,15 +69,15 @@ class ModelReport:
         within = f"rtol={self.rtol}, atol={self.atol}"
         if self.factor is not None:
             within = f"{self.factor:g}x torch's own float32 error (vs float64) + {within}"
-        if self.kinks:
-            within += (
-                "; gradients against a float64 run on jax's side of the kink where an "
-                f"activation input is within float32 rounding of it ({', '.join(self.kinks)})"
-            )
+        followed = (
+            "; gradients against a float64 run on jax's side of the kink where an "
+            f"activation input is within float32 rounding of it ({', '.join(self.kinks)})"
+            if self.kinks
+            else ""
+        )
         if first is None:
-            return f"{len(self.rows)} quantities within {within}"
+            return f"{len(self.rows)} quantities within {within}{followed}"
         theirs = "" if first.torch_max_abs is None else f" (torch's own {first.torch_max_abs:.2e})"
-        followed = f"; {within.partition('; ')[2]}" if self.kinks else ""
         return (
             f"first divergence at {first.layer or '<output>'} ({first.quantity}): "
             f"max |diff| {first.max_abs:.2e}{theirs}, relative {first.max_rel:.2e}{followed}"
