@@ -113,6 +113,33 @@ def test_tensor_ops_match_torch(name):
     assert_close(actual, desired, what=name)
 
 
+def input_gradients(model: torch.nn.Module, x: np.ndarray) -> tuple[jax.Array, torch.Tensor]:
+    """The gradient of ``sum(model(x) * g)`` with respect to ``x``, from the port and from
+    torch (eval; ``g`` random)."""
+    ported = jaxbn.port(model, torch.from_numpy(x))
+    x_t = torch.from_numpy(x).requires_grad_()
+    y = model.eval()(x_t * 1.0)  # (* 1.0: an in-place op must not touch x_t)
+    g = np.random.default_rng(1).standard_normal(tuple(y.shape)).astype(np.float32)
+    y.backward(torch.from_numpy(g))
+
+    def loss(x: jax.Array) -> jax.Array:
+        y = cast(jax.Array, ported.module.apply(ported.variables, x, train=False))
+        return jnp.sum(y * g)
+
+    return jax.grad(loss)(jnp.asarray(x)), cast(torch.Tensor, x_t.grad)
+
+
+@pytest.mark.parametrize(
+    "name", [name for name in POOLS if "max" in name.lower()] + ["adaptive max 2x3 (uneven)"]
+)
+def test_max_pooling_sends_a_tied_windows_gradient_where_torch_does(name):
+    """Whole numbers in {-1, 0, 1}: most windows hold ties; torch's gradient goes to
+    the first maximum of each window, in row-major order."""
+    model = POOLS.get(name) or torch.nn.AdaptiveMaxPool2d((2, 3))
+    x = np.random.default_rng(0).integers(-1, 2, X.shape).astype(np.float32)
+    assert_close(*input_gradients(model, x), what=name)
+
+
 # Activations with a kink, and inputs at each kink and around it: torch's
 # gradient there (ReLU's is 0 at 0, Hardswish's -0.5 at -3) is the port's.
 KINKED = {
@@ -138,15 +165,7 @@ def test_activation_gradients_at_their_kinks_match_torch(name):
     model, kinks = KINKED[name]
     points = np.array([k + d for k in kinks for d in (-0.25, 0.0, 0.25)], np.float32)
     x = np.broadcast_to(points, (2, 3, 2, len(points))).copy()
-    g = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-    ported = jaxbn.port(model, torch.from_numpy(x))
-    x_t = torch.from_numpy(x).requires_grad_()
-    model(x_t * 1.0).backward(torch.from_numpy(g))  # (* 1.0: in place must not touch x)
-
-    def loss(x: jax.Array) -> jax.Array:
-        return jnp.sum(ported.module.apply(ported.variables, x, train=False) * g)
-
-    assert_close(jax.grad(loss)(jnp.asarray(x)), x_t.grad, what=name)
+    assert_close(*input_gradients(model, x), what=name)
 
 
 def test_in_place_ops_change_the_tensor_for_later_users():

@@ -9,6 +9,7 @@ only.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -257,6 +258,16 @@ def max_pool(
     floating = jnp.issubdtype(input.dtype, jnp.floating)
     lowest = -float("inf") if floating else int(jnp.iinfo(input.dtype).min)
     x = _pad_to(input, p, [length for _, length in geometry], lowest)
+    if any(v != 1 for v in dil):
+        # (JAX has no gradient for a dilated reduce_window max.) Every
+        # window's elements along a new last axis, in torch's row-major order.
+        patches = [
+            x[(..., *(slice(o * v, None, t) for o, v, t in zip(offset, dil, s, strict=True)))][
+                (..., *(slice(0, out) for out, _ in geometry))
+            ]
+            for offset in itertools.product(*map(range, k))
+        ]
+        return _first_max(jnp.stack(patches, axis=-1))
     return lax.reduce_window(
         x,
         lowest,  # a Python scalar, so that JAX sees a max-pool it can differentiate
@@ -340,20 +351,27 @@ def adaptive_avg_pool(input: Array, output_size: Any, *, d: int = 2) -> Array:
 def adaptive_max_pool(
     input: Array, output_size: Any, return_indices: bool = False, *, d: int = 2
 ) -> Array:
-    """``F.adaptive_max_pool{1,2,3}d``."""
+    """``F.adaptive_max_pool{1,2,3}d``: each window whole, so that a tie's
+    gradient goes where torch's does (the window's first maximum)."""
     if return_indices:
         raise NotImplementedError("adaptive max pooling with return_indices=True")
-    sizes = _tuple(output_size, d)
-    x = input
-    for axis, out in enumerate(sizes):
-        ax = input.ndim - d + axis
-        length = x.shape[ax]
-        out = length if out is None else out
-        x = jnp.stack([
-            lax.slice_in_dim(x, lo, hi, axis=ax).max(axis=ax)
-            for lo, hi in _adaptive_windows(length, out)
-        ], axis=ax)  # fmt: skip
-    return x
+    lead, spatial = input.shape[:-d], input.shape[-d:]
+    sizes = [
+        n if out is None else out for n, out in zip(spatial, _tuple(output_size, d), strict=True)
+    ]
+    windows = [_adaptive_windows(n, out) for n, out in zip(spatial, sizes, strict=True)]
+    maxima = [
+        _first_max(input[(..., *(slice(lo, hi) for lo, hi in cell))].reshape(*lead, -1))
+        for cell in itertools.product(*windows)
+    ]
+    return jnp.stack(maxima, axis=-1).reshape(*lead, *sizes)
+
+
+def _first_max(values: Array) -> Array:
+    """The maximum over the last axis, its gradient all to the first maximum
+    (torch's pick; a NaN counts as the maximum, as in torch)."""
+    first = jnp.argmax(values, axis=-1)[..., None]
+    return jnp.take_along_axis(values, first, axis=-1)[..., 0]
 
 
 def pad(
