@@ -220,18 +220,15 @@ def test_a_bound_float32_cannot_hold_is_read_in_each_runs_own_dtype():
     assert report.kinks == ("act: 1 element",)
 
 
-def test_a_kink_beyond_rounding_is_a_divergence():
-    """The same flip at an input of 1: a port error, not rounding; nothing is followed."""
-    report = kinked(1.0, OtherSide(-1.0))
-    assert not report.ok
-    assert report.kinks == ()
-    first = report.first_divergence
-    assert first is not None
-    assert (first.layer, first.quantity) == ("act", "output")
-
-
-def test_a_kinked_activation_of_the_wrong_shape_is_a_divergence_not_a_crash():
-    report = kinked(1e-9, OtherSide(-1e-9, extra_axis=True))
+@pytest.mark.parametrize(
+    ("at", "act"),
+    [(1.0, OtherSide(-1.0)), (1e-9, OtherSide(-1e-9, extra_axis=True))],
+    ids=["beyond rounding", "wrong shape"],
+)
+def test_a_flip_that_is_a_port_error_is_a_divergence(at, act):
+    """The same flip at an input of 1 (not rounding), or at 1e-9 from an activation of the
+    wrong shape (no crash): nothing is followed, and the activation is the first divergence."""
+    report = kinked(at, act)
     assert not report.ok
     assert report.kinks == ()
     first = report.first_divergence
