@@ -23,7 +23,7 @@ import jaxbn
 from jaxbn.convert import load_variables
 from jaxbn.port import PortError, TrainAware, without_dropout
 
-from .helpers import assert_close, assert_sample_matches, jaxbn_here, readme_sample
+from .helpers import assert_close, assert_sample_matches, fast_lane, jaxbn_here, readme_sample
 
 
 def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
@@ -203,6 +203,24 @@ def test_convolutions_match_torch(name):
     x = np.random.default_rng(1).standard_normal((2, 4, 10, 9)).astype(np.float32)
     desired, actual, _ = run_both(conv_models()[name], x)
     assert_close(actual, desired, what=name)
+
+
+def ops_pools_and_convolutions() -> dict[str, tuple[torch.nn.Module, np.ndarray]]:
+    conv_x = np.random.default_rng(1).standard_normal((2, 4, 10, 9)).astype(np.float32)
+    return {
+        **{f"pool: {name}": (model, X) for name, model in POOLS.items()},
+        **{f"op: {name}": (Fn(fn), X) for name, fn in OPS.items()},
+        **{f"conv: {name}": (model, conv_x) for name, model in conv_models().items()},
+    }
+
+
+@pytest.mark.parametrize("name", fast_lane(*ops_pools_and_convolutions(), keep=3))
+def test_input_gradients_of_ops_pools_and_convolutions_match_torch(name):
+    """Forward values alone would miss an op JAX cannot differentiate (a dilated max
+    pool raised NotImplementedError only in a training step) or one it differentiates
+    otherwise."""
+    model, x = ops_pools_and_convolutions()[name]
+    assert_close(*input_gradients(model, x), what=name)
 
 
 class Norms(torch.nn.Module):
