@@ -247,10 +247,11 @@ def compare_models(
         )
         (grads,) = vjp(cotangent)
 
+        own_grads = own.grads(layer_kinds) if ref is not own else None
+
         def compare_gradients(reference: _TorchRun) -> list[LayerDiff]:
             return _compare_trees(
-                reference.grads(layer_kinds), {"params": grads},
-                own.grads(layer_kinds) if ref is not own else None,
+                reference.grads(layer_kinds), {"params": grads}, own_grads,
                 "grad", order, tolerance,
             )  # fmt: skip
 
