@@ -141,7 +141,7 @@ def test_max_pooling_sends_a_tied_windows_gradient_where_torch_does(name):
 
 
 # Activations with a kink, and inputs at each kink and around it: torch's
-# gradient there (ReLU's is 0 at 0, Hardswish's -0.5 at -3) is the port's.
+# gradient there (ReLU's is 0 at 0, Hardswish's 0 at -3 and 1 at 3) is the port's.
 KINKED = {
     "nn.ReLU": (torch.nn.ReLU(), (0.0,)),
     "F.relu": (Fn(F.relu), (0.0,)),
