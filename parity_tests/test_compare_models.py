@@ -12,7 +12,7 @@ import torch
 
 import jaxbn
 from jaxbn.parity import ModelReport, compare_models
-from jaxbn.port import _functions
+from jaxbn.port import ops
 
 
 class TwoHeads(NamedTuple):
@@ -167,7 +167,7 @@ class OtherSide(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         h = h.at[0, 0].add(jax.lax.stop_gradient(self.to - h[0, 0]))
-        y = _functions.hardtanh(h, self.low, self.high)  # the port's, torch's gradient at a tie
+        y = ops.hardtanh(h, self.low, self.high)  # the port's, torch's gradient at a tie
         return y[..., None] if self.extra_axis else y
 
 

@@ -336,7 +336,7 @@ class Unsupported(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 3, 1)
-        self.act = torch.nn.Softsign()
+        self.act = torch.nn.Tanhshrink()
 
     def forward(self, x):
         return torch.erf(self.act(self.conv(x))).cumsum(1)
@@ -347,7 +347,7 @@ def test_unsupported_ops_are_listed_together_with_the_fix():
         jaxbn.port(Unsupported(), torch.from_numpy(X))
     message = str(error.value)
     assert "3 unsupported operation(s)" in message
-    assert "act: module torch.nn.modules.activation.Softsign has no converter" in message
+    assert "act: module torch.nn.modules.activation.Tanhshrink has no converter" in message
     assert "function torch.erf" in message
     assert "tensor method .cumsum()" in message
     assert "converters=" in message
@@ -359,7 +359,7 @@ def test_converters_fill_the_gaps():
         model,
         X,
         converters={
-            torch.nn.Softsign: lambda m: lambda x: x / (1 + jnp.abs(x)),
+            torch.nn.Tanhshrink: lambda m: lambda x: x - jnp.tanh(x),
             torch.erf: jax.scipy.special.erf,
             "cumsum": lambda self, dim: jnp.cumsum(self, axis=dim),
         },
@@ -527,9 +527,10 @@ def test_cli_runs_as_the_readme_shows(tmp_path, capsys):
 
 def test_cli_prints_the_first_divergence_and_fails(monkeypatch, capsys):
     """A wrong table row (Hardswish ported as ReLU) is found at its layer, in eval."""
-    from jaxbn.port import _functions, _ops
+    from jaxbn.port.ops._registry import resolve
 
-    monkeypatch.setitem(_ops.table(), torch.nn.Hardswish, lambda m, child: _ops.op(_functions.relu))
+    modules = resolve().modules
+    monkeypatch.setitem(modules, torch.nn.Hardswish, modules[torch.nn.ReLU])
     code, printed, _ = jaxbn_here(
         capsys, "port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"
     )

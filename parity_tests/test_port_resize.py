@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import jaxbn
 from jaxbn.port import PortError
-from jaxbn.port._functions import interpolate
+from jaxbn.port.ops import interpolate
 
 from .helpers import assert_close, fast_lane
 

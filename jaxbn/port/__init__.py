@@ -3,9 +3,9 @@
 torch is imported only when :func:`port` runs.
 """
 
+from ._interpret import TrainAware as TrainAware
 from ._layers import Layer as Layer
 from ._module import PortedModule as PortedModule
-from ._ops import TrainAware as TrainAware
 from ._port import Ported as Ported
 from ._port import port as port
 from ._port import without_dropout as without_dropout

@@ -1,98 +1,50 @@
-"""The Flax leaf modules a port is built from, in PyTorch's layout.
+"""The Flax leaves a port is built from: what one torch leaf module becomes.
 
-Variables are declared in the converter's Flax layout (a Conv kernel is
-``(*k, in/groups, out)``, a Linear kernel ``(in, out)``), so a port's
+Variables are declared in the converter's Flax layout, so a port's
 variables are exactly what :func:`jaxbn.from_torch` produces; activations
 stay (N, C, ...) as in torch. Depends on jax and flax only.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.typing import DTypeLike
-
-# jnp.pad modes for torch's padding_mode / F.pad mode.
-PAD_MODES = {"zeros": "constant", "constant": "constant", "reflect": "reflect",
-             "replicate": "edge", "circular": "wrap"}  # fmt: skip
 
 
-class Conv(nn.Module):
-    """``torch.nn.Conv{1,2,3}d`` on (N, C, *spatial) input.
+def dtype_of(tensor: Any) -> Any:
+    """A torch tensor's dtype as jax's (read from its name: no torch import)."""
+    return jnp.dtype(str(tensor.dtype).removeprefix("torch."))
 
-    ``padding`` is explicit (low, high) per spatial axis, already resolved
-    from torch's int, tuple, 'same' or 'valid'.
+
+class Variable(NamedTuple):
+    """A torch tensor as the Flax variable the converter makes of it.
+
+    ``argument`` is the torch name; ``collection``/``name``/``shape`` the
+    Flax variable (in Flax's layout); ``axes`` permute it back to torch's.
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[tuple[int, int], ...]
-    dilation: tuple[int, ...]
-    groups: int = 1
-    use_bias: bool = True
-    padding_mode: str = "zeros"
-    param_dtype: DTypeLike = jnp.float32
+    argument: str
+    collection: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[int, ...]
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = len(self.kernel_size)
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (*self.kernel_size, self.in_channels // self.groups, self.out_channels),
-            self.param_dtype,
-        )
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            widths = ((0, 0), (0, 0), *padding)
-            x = jnp.pad(x, widths, mode=PAD_MODES[self.padding_mode])  # type: ignore[arg-type]
-            padding = ((0, 0),) * d
-        weight = jnp.transpose(kernel, (d + 1, d, *range(d)))  # -> (out, in, *k)
-        spatial = "DHW"[3 - d :]
-        y = lax.conv_general_dilated(
-            x,
-            weight,
-            window_strides=self.stride,
-            padding=padding,
-            rhs_dilation=self.dilation,
-            feature_group_count=self.groups,
-            dimension_numbers=(f"NC{spatial}", f"OI{spatial}", f"NC{spatial}"),
-        )
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype)
-            y = y + bias.reshape(-1, *(1,) * d)
-        return y
-
-
-class Linear(nn.Module):
-    """``torch.nn.Linear``: ``x @ kernel + bias`` with ``kernel = weight.T``."""
-
-    in_features: int
-    out_features: int
-    use_bias: bool = True
-    param_dtype: DTypeLike = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (self.in_features, self.out_features),
-            self.param_dtype,
-        )
-        y = x @ kernel
-        if self.use_bias:
-            y = y + self.param(
-                "bias", nn.initializers.zeros, (self.out_features,), self.param_dtype
-            )
-        return y
+    def declare(self, scope: Any) -> jax.Array:
+        """Declare it in ``scope`` (a Flax module or scope), and return it in torch's layout."""
+        init = lambda *_: jnp.zeros(self.shape, jnp.dtype(self.dtype))  # noqa: E731
+        if self.collection == "params":
+            value = scope.param(self.name, init, self.shape, jnp.dtype(self.dtype))
+        else:
+            value = scope.variable(self.collection, self.name, init, self.shape).value
+        if self.axes == tuple(range(len(self.axes))):
+            return value
+        return jnp.transpose(value, self.axes)
 
 
 class Op(nn.Module):
@@ -110,6 +62,20 @@ class Op(nn.Module):
         if self.train_aware:
             kwargs |= {"train": train, "rng": lambda: self.make_rng("dropout")}
         return self.fn(*args, **kwargs)
+
+
+class WithVariables(nn.Module):
+    """A torch module whose forward is an op called with its own tensors (LayerNorm's
+    weight and bias), each declared where the converter puts it."""
+
+    fn: Callable[..., Any]
+    keywords: tuple[tuple[str, Any], ...]
+    tensors: tuple[Variable, ...]
+
+    @nn.compact
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        own = {v.argument: v.declare(self) for v in self.tensors}
+        return self.fn(*args, **dict(self.keywords), **own, **kwargs)
 
 
 class Layer(NamedTuple):
@@ -164,3 +130,8 @@ class Composite(nn.Module):
         for name, layer in self.children:
             y = layer.call(layer.make(name=name), train, y)
         return y
+
+
+def op(fn: Callable[..., Any], train_aware: bool = False) -> Layer:
+    """A leaf without variables."""
+    return Layer(functools.partial(Op, fn, train_aware), train_call)

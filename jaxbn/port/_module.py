@@ -41,7 +41,8 @@ class Node:
 
     ``kind`` is 'layer' (``target`` is the torch module path), 'call'
     (``target`` is a JAX function; train-aware ones take ``train=``/``rng=``),
-    'param' (``target`` is the torch path of a bare parameter) or 'constant'.
+    'variable' (``target`` is (Flax module path, :class:`Variable`): a
+    parameter or buffer read outside a layer) or 'constant'.
     ``alias`` names an input that torch mutates in place (``inplace=True``,
     ``add_``): later nodes see this node's result under that name too.
     """
@@ -95,7 +96,6 @@ class PortedModule(nn.Module):
     eval_program: Program
     train_program: Program
     layers: tuple[tuple[str, Layer], ...]
-    params: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # bare parameters
 
     @nn.compact
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
@@ -145,7 +145,6 @@ class PortedModule(nn.Module):
                 modules[path] = layers[path].make(parent=where)
             return modules[path]
 
-        shapes = {path: (shape, dtype) for path, shape, dtype in self.params}
         rng: Callable[[], Any] = lambda: self.make_rng("dropout")  # noqa: E731
         for node in program.nodes:
             a = resolve(node.args, env)
@@ -156,15 +155,11 @@ class PortedModule(nn.Module):
                 if node.train_aware:
                     k |= {"train": train, "rng": rng}
                 out = node.target(*a, **k)
-            elif node.kind == "param":
+            elif node.kind == "variable":
                 if node.target not in bare:
-                    prefix, _, name = node.target.rpartition(".")
-                    shape, dtype = shapes[node.target]
-                    owner = scope(tuple(prefix.split("."))) if prefix else self.scope
-                    assert owner is not None
-                    bare[node.target] = owner.param(
-                        name, nn.initializers.zeros, shape, jnp.dtype(dtype)
-                    )
+                    path, variable = node.target
+                    owner = scope(path) if path else self.scope
+                    bare[node.target] = variable.declare(owner)
                 out = bare[node.target]
             else:  # a constant tensor captured by the trace
                 out = jnp.asarray(np.asarray(node.target))

@@ -13,9 +13,10 @@ import numpy as np
 
 from .._torch import import_torch, to_numpy
 from ..convert import LayoutWarning, from_torch
+from ._interpret import Interpreter
 from ._module import PortedModule
-from ._ops import table
-from ._trace import Compiler, PortError, timm_notrace, trace
+from ._trace import PortError, timm_notrace, trace
+from .ops._registry import resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +28,13 @@ class Ported:
         ``train``.
       variables: ``{'params': ..., 'batch_stats': ...}`` at the torch module
         paths, equal to ``jaxbn.from_torch(torch_module)``.
+      ops: the names of the :mod:`jaxbn.port.ops` the port calls (a torch
+        module, function or method each became), in the order first met.
     """
 
     module: PortedModule
     variables: dict[str, Any]
+    ops: tuple[str, ...] = ()  # the jaxbn.port.ops it calls, in the order first met
 
 
 def port(
@@ -46,7 +50,8 @@ def port(
     so ``if self.training`` branches such as auxiliary heads follow Flax's
     ``train``). Layers with variables, activations, pooling, dropout and
     library blocks with their own behaviour stay leaves, each converted by
-    the table of :mod:`jaxbn.port._ops` on its exact class; every other op
+    the op registry (:mod:`jaxbn.port.ops`) on its exact class (or a subclass
+    that adds no method of its own); every other op
     is converted by function or method. Every BatchNorm becomes a jaxbn
     layer with that module's own ``momentum`` (``None`` too), ``eps``,
     ``affine`` and ``track_running_stats``. Activations keep torch's
@@ -95,29 +100,27 @@ def port(
         )
     converters = dict(converters or {})
     leaves = list(leaves)
-    timm_modules, timm_functions = timm_notrace()
-    leaf_types = frozenset(
-        {k for k in table() if isinstance(k, type)}
-        | {k for k in converters if isinstance(k, type)}
-        | {leaf for leaf in leaves if isinstance(leaf, type)}
-        | timm_modules
-    )
+    interpreter = Interpreter(module, converters)
+    _, timm_functions = timm_notrace()
+    leaf_types = frozenset(leaf for leaf in leaves if isinstance(leaf, type))
     leaf_paths = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
-    # Plain Python functions with a row (stochastic depth, drop path) stay one
+
+    def is_leaf(m: Any, path: str) -> bool:
+        return interpreter.is_leaf(m) or type(m) in leaf_types or path in leaf_paths
+
+    # Plain Python functions with an op (stochastic depth, drop path) stay one
     # call wherever they are called from, not only where fx.wrap registered them.
-    rows = {**table(), **converters}
     autowrap = {
         k
-        for k in rows
+        for k in [*resolve().functions, *converters]
         if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
     } | timm_functions
-    graphs = trace(module, leaf_types, leaf_paths, autowrap)
+    graphs = trace(module, is_leaf, autowrap)
 
-    compiler = Compiler(module, converters)
-    train_program = compiler.compile(graphs[True])
-    eval_program = compiler.compile(graphs[False])
-    if compiler.problems:
-        problems = list(dict.fromkeys(compiler.problems))
+    train_program = interpreter.compile(graphs[True])
+    eval_program = interpreter.compile(graphs[False])
+    if interpreter.problems:
+        problems = list(dict.fromkeys(interpreter.problems))
         raise PortError(
             f"jaxbn.port: {len(problems)} unsupported operation(s) in "
             f"{type(module).__name__}; nothing was ported:\n"
@@ -128,11 +131,10 @@ def port(
     flax_module = PortedModule(
         eval_program=eval_program,
         train_program=train_program,
-        layers=tuple(compiler.layers.items()),
-        params=tuple((path, shape, dtype) for path, (shape, dtype) in compiler.params.items()),
+        layers=tuple(interpreter.layers.items()),
     )
     variables = _variables(flax_module, module, example_input)
-    return Ported(flax_module, variables)
+    return Ported(flax_module, variables, tuple(interpreter.ops))
 
 
 def _as_inputs(example_input: Any) -> tuple[Any, ...]:

@@ -1,0 +1,277 @@
+"""Linear maps: convolutions (modules, and functions called on tensors of their own)
+and ``Linear``.
+
+A module's variables are declared in the converter's Flax layout (a Conv
+kernel is ``(*k, in/groups, out)``, a Linear kernel ``(in, out)``), so a
+port's variables are exactly what :func:`jaxbn.from_torch` produces; the
+activations stay (N, C, ...) as in torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import DTypeLike
+
+from .._layers import Layer, dtype_of, plain_call
+from ._padding import MODES, pad_same
+from ._registry import AsLayer, Unsupported, register
+
+Array = jax.Array
+
+
+def _tuple(value: Any, d: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * d
+    value = tuple(value)
+    return value * d if len(value) == 1 else value
+
+
+def _padding(
+    padding: Any, kernel: Sequence[int], dilation: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """torch's int, tuple, 'same' (the odd one after) or 'valid' as (low, high) per axis."""
+    if padding == "same":
+        total = [di * (ki - 1) for ki, di in zip(kernel, dilation, strict=True)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    if padding == "valid":
+        return ((0, 0),) * len(kernel)
+    return tuple((p, p) for p in _tuple(padding, len(kernel)))
+
+
+def _convolve(
+    input: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Any,
+    padding: tuple[tuple[int, int], ...],
+    dilation: Any,
+    groups: int,
+) -> Array:
+    """(N, C, *spatial) or unbatched (C, *spatial) input, (out, in/groups, *k) weight."""
+    d = weight.ndim - 2
+    if input.ndim == d + 1:
+        return _convolve(input[None], weight, bias, stride, padding, dilation, groups)[0]
+    spatial = "DHW"[3 - d :]
+    y = lax.conv_general_dilated(
+        input,
+        weight,
+        window_strides=_tuple(stride, d),
+        padding=padding,
+        rhs_dilation=_tuple(dilation, d),
+        feature_group_count=groups,
+        dimension_numbers=(f"NC{spatial}", f"OI{spatial}", f"NC{spatial}"),
+    )
+    if bias is not None:
+        y = y + bias.reshape(-1, *(1,) * d)
+    return y
+
+
+class Conv(nn.Module):
+    """``torch.nn.Conv{1,2,3}d`` on (N, C, *spatial) input.
+
+    ``padding`` is explicit (low, high) per spatial axis, already resolved
+    from torch's int, tuple, 'same' or 'valid'.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    use_bias: bool = True
+    padding_mode: str = "zeros"
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = len(self.kernel_size)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, self.in_channels // self.groups, self.out_channels),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            widths = ((0, 0),) * (x.ndim - d) + padding
+            x = jnp.pad(x, widths, mode=MODES[self.padding_mode])  # type: ignore[arg-type]
+            padding = ((0, 0),) * d
+        weight = jnp.transpose(kernel, (d + 1, d, *range(d)))  # -> (out, in, *k)
+        return _convolve(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+def conv_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
+    """A torch ``Conv{1,2,3}d`` module as :class:`Conv`."""
+    if getattr(m, "transposed", False):
+        raise Unsupported("transposed convolution has no converter yet")
+    k, dil = tuple(m.kernel_size), tuple(m.dilation)
+    return Layer(
+        functools.partial(
+            Conv,
+            m.in_channels,
+            m.out_channels,
+            k,
+            tuple(m.stride),
+            _padding(m.padding, k, dil),
+            dil,
+            m.groups,
+            m.bias is not None,
+            m.padding_mode,
+            dtype_of(m.weight),
+        ),
+        plain_call,
+    )
+
+
+def _conv(
+    input: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+) -> Array:
+    """``F.conv{1,2,3}d``: zero padding, an int, a tuple, 'same' or 'valid'."""
+    d = weight.ndim - 2
+    pairs = _padding(padding, weight.shape[2:], _tuple(dilation, d))
+    return _convolve(input, weight, bias, stride, pairs, dilation, groups)
+
+
+@register(
+    "torch.nn.functional.conv1d",
+    "torch.conv1d",
+    modules={"torch.nn.Conv1d": AsLayer(conv_layer)},
+)
+def conv1d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Array:
+    return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+
+@register(
+    "torch.nn.functional.conv2d",
+    "torch.conv2d",
+    modules={"torch.nn.Conv2d": AsLayer(conv_layer)},
+)
+def conv2d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Array:
+    return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+
+@register(
+    "torch.nn.functional.conv3d",
+    "torch.conv3d",
+    modules={"torch.nn.Conv3d": AsLayer(conv_layer)},
+)
+def conv3d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Array:
+    return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d_same_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
+    """timm's ``Conv2dSame``: TensorFlow 'SAME' padding from the input's size, then a conv."""
+    inner = conv_layer(m, child)
+    k, s, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+
+    def call(module: Any, train: bool, x: Any) -> Any:
+        return module(pad_same(x, k, s, dil))
+
+    return Layer(inner.make, call)
+
+
+@register(
+    "timm.layers.conv2d_same.conv2d_same",
+    modules={"timm.layers.conv2d_same.Conv2dSame": AsLayer(conv2d_same_layer)},
+)
+def conv2d_same(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = (1, 1),
+    padding: Any = (0, 0),
+    dilation: Any = (1, 1),
+    groups: int = 1,
+) -> Array:
+    """timm's: 'SAME' padding from the input's size (``padding`` is ignored), then a conv."""
+    x = pad_same(x, weight.shape[-2:], stride, dilation)
+    return conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: ``x @ kernel + bias`` with ``kernel = weight.T``."""
+
+    in_features: int
+    out_features: int
+    use_bias: bool = True
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.in_features, self.out_features),
+            self.param_dtype,
+        )
+        y = x @ kernel
+        if self.use_bias:
+            y = y + self.param(
+                "bias", nn.initializers.zeros, (self.out_features,), self.param_dtype
+            )
+        return y
+
+
+def linear_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
+    return Layer(
+        functools.partial(
+            Linear, m.in_features, m.out_features, m.bias is not None, dtype_of(m.weight)
+        ),
+        plain_call,
+    )
+
+
+@register(
+    "torch.nn.functional.linear",
+    modules={
+        "torch.nn.Linear": AsLayer(linear_layer),
+        # nn.Linear with a torchscript-only cast in its own forward
+        "timm.layers.linear.Linear": AsLayer(linear_layer),
+    },
+)
+def linear(input: Array, weight: Array, bias: Array | None = None) -> Array:
+    """``input @ weight.T + bias``, weight (out, in) as torch's."""
+    y = input @ weight.T
+    return y if bias is None else y + bias

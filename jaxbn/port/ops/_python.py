@@ -1,0 +1,170 @@
+"""Python's operators, ``math`` and ``getattr`` as a forward uses them, on tensors and on
+sizes alike.
+
+Shapes are static in JAX, so ``x.shape[2] % 2``, ``math.ceil(h / 7)`` and
+``torch._assert(h == 224, ...)`` compute Python numbers when the ported
+module is traced, as torch's forward computes them; on tensors the same
+operators are elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._registry import register
+
+Array = jax.Array
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@register("operator.add", "operator.iadd", "torch.add", "Tensor.add", "Tensor.add_")
+def add(input: Any, other: Any, *, alpha: Any = 1) -> Any:
+    return input + (other if alpha == 1 else other * alpha)
+
+
+@register(
+    "operator.sub",
+    "operator.isub",
+    "torch.sub",
+    "torch.subtract",
+    "Tensor.sub",
+    "Tensor.sub_",
+)
+def sub(input: Any, other: Any, *, alpha: Any = 1) -> Any:
+    return input - (other if alpha == 1 else other * alpha)
+
+
+@register(
+    "operator.mul",
+    "operator.imul",
+    "torch.mul",
+    "torch.multiply",
+    "Tensor.mul",
+    "Tensor.mul_",
+)
+def mul(input: Any, other: Any) -> Any:
+    return input * other
+
+
+@register(
+    "operator.truediv",
+    "operator.itruediv",
+    "torch.div",
+    "torch.divide",
+    "torch.true_divide",
+    "Tensor.div",
+    "Tensor.div_",
+)
+def div(input: Any, other: Any, *, rounding_mode: str | None = None) -> Any:
+    if rounding_mode == "floor":
+        return input // other
+    if rounding_mode == "trunc":
+        quotient = input / other
+        return math.trunc(quotient) if _is_number(quotient) else jnp.trunc(quotient)
+    return input / other
+
+
+@register("operator.floordiv", "operator.ifloordiv", "torch.floor_divide", "Tensor.floor_divide")
+def floordiv(input: Any, other: Any) -> Any:
+    return input // other
+
+
+@register("operator.mod", "torch.remainder", "Tensor.remainder")
+def mod(input: Any, other: Any) -> Any:
+    """The remainder with the divisor's sign (Python's ``%``, torch's ``remainder``)."""
+    return input % other
+
+
+@register("operator.neg", "torch.neg", "Tensor.neg")
+def neg(input: Any) -> Any:
+    return -input
+
+
+@register("operator.pow", "torch.pow", "Tensor.pow", "Tensor.pow_")
+def pow(input: Any, exponent: Any) -> Any:
+    return input**exponent
+
+
+@register("operator.matmul", "torch.matmul", "Tensor.matmul", "torch.bmm", "Tensor.bmm")
+def matmul(input: Array, other: Array) -> Array:
+    """``@``; ``bmm`` is the 3-D case."""
+    return jnp.matmul(input, other)
+
+
+@register("operator.eq", "torch.eq", "Tensor.eq")
+def eq(input: Any, other: Any) -> Any:
+    return input == other
+
+
+@register("operator.ne", "torch.ne", "Tensor.ne")
+def ne(input: Any, other: Any) -> Any:
+    return input != other
+
+
+@register("operator.lt", "torch.lt", "Tensor.lt")
+def lt(input: Any, other: Any) -> Any:
+    return input < other
+
+
+@register("operator.le", "torch.le", "Tensor.le")
+def le(input: Any, other: Any) -> Any:
+    return input <= other
+
+
+@register("operator.gt", "torch.gt", "Tensor.gt")
+def gt(input: Any, other: Any) -> Any:
+    return input > other
+
+
+@register("operator.ge", "torch.ge", "Tensor.ge")
+def ge(input: Any, other: Any) -> Any:
+    return input >= other
+
+
+@register("math.ceil", "torch.ceil", "Tensor.ceil")
+def ceil(input: Any) -> Any:
+    """An int for a number (``math.ceil``), elementwise for a tensor."""
+    return math.ceil(input) if _is_number(input) else jnp.ceil(input)
+
+
+@register("math.floor", "torch.floor", "Tensor.floor")
+def floor(input: Any) -> Any:
+    return math.floor(input) if _is_number(input) else jnp.floor(input)
+
+
+@register("operator.getitem")
+def getitem(obj: Any, index: Any) -> Any:
+    """``x[index]``: a tensor's slices and index arrays, a size tuple's items."""
+    return operator.getitem(obj, index)
+
+
+@register("builtins.getattr", name="getattr")
+def get_attribute(obj: Any, name: str) -> Any:
+    """``x.shape`` (a tuple), ``x.ndim``, ``x.dtype``, ``x.T``; ``x.device`` is None (JAX
+    places arrays itself); any attribute of another object (a named tuple's field)."""
+    if isinstance(obj, jax.Array | jax.ShapeDtypeStruct) or hasattr(obj, "aval"):
+        if name == "shape":
+            return tuple(obj.shape)
+        if name == "device":
+            return None
+        if name in ("ndim", "dtype", "T", "mT"):
+            return getattr(obj, name)
+        raise NotImplementedError(f"tensor attribute {name!r} has no port")
+    return getattr(obj, name)
+
+
+@register("torch._assert")
+def assert_(condition: Any, message: str) -> None:
+    """``torch._assert``: a condition on sizes is checked when the ported module is traced
+    (an error, as in torch, if it fails); one on values cannot stop a compiled program
+    and is not checked."""
+    if isinstance(condition, bool) and not condition:
+        raise AssertionError(message)
