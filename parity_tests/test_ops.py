@@ -477,6 +477,12 @@ CASES: dict[str, list[Case]] = {
     "floor": [case(lambda x: x[:, : math.floor(x.shape[1] / 2)] + x.floor())],
     "getitem": [case(lambda x: x[:, 1:, None, ::2] * x[0, x.shape[1] - 1, ::2])],
     "getattr": [case(lambda x: x.reshape(x.shape[0], -1) * x.ndim)],
+    "len": [case(lambda x: x.reshape(len(x.shape), -1) * len(x))],
+    "guard": [
+        case(lambda x: x * 2 if x.shape[2] % 2 else x),
+        case(lambda x: sum(x[i] for i in range(x.shape[0]))),
+        case(lambda x: torch.stack([t * 2 for t in x])),
+    ],
     "assert_": [case(lambda x: (torch._assert(x.shape[1] == 3, "three channels"), x * 2)[1])],
 }
 

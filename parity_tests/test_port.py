@@ -411,10 +411,15 @@ class AddsToBatchNorm(torch.nn.BatchNorm2d):
 
 
 def test_dispatch_is_on_the_exact_class():
-    """Not ported as a plain BatchNorm2d: FX traces into it, and says how to make it a leaf."""
+    """Not ported as a plain BatchNorm2d: FX traces into it, to a statistics update the
+    port refuses, naming the module."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), AddsToBatchNorm(3))
-    with pytest.raises(PortError, match=r"module '1' \(parity_tests.test_port.AddsToBatchNorm\)"):
+    with pytest.raises(PortError) as error:
         jaxbn.port(model, torch.from_numpy(X))
+    message = str(error.value)
+    assert "in module '1' (parity_tests.test_port.AddsToBatchNorm)" in message
+    assert "updates the module's tensor 1.num_batches_tracked in place" in message
+    assert "F.batch_norm with running statistics in training updates them in place" in message
 
 
 def test_frozen_batch_norm_is_a_converter_kind_and_never_updates():
@@ -628,3 +633,32 @@ def test_without_dropout_makes_training_deterministic(build):
         noisy = model.train()(x)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
     assert not torch.equal(noisy, outputs[0])  # the original keeps its dropout
+
+
+class BranchesOnWidth(torch.nn.Module):
+    """Python control flow on a size, as timm's window and patch blocks have."""
+
+    def forward(self, x):
+        if x.shape[-1] % 2:  # an odd width: pad it even
+            x = F.pad(x, (0, 1))
+        return x.reshape(x.shape[0], -1, 2).sum(-1)
+
+
+def test_control_flow_on_sizes_follows_the_example_and_refuses_another_branch():
+    """Ported at an odd width, the module takes any odd width (the sizes it computes with
+    stay symbolic) and refuses an even one, naming the line that branches."""
+    model = BranchesOnWidth()
+    ported = jaxbn.port(model, torch.from_numpy(X))  # width 13
+    for width in (13, 11):
+        x = X[..., :width]
+        with torch.no_grad():
+            desired = model(torch.from_numpy(x))
+        assert_close(ported.module.apply({}, x), desired, what=f"width {width}")
+    with pytest.raises(PortError) as error:
+        ported.module.apply({}, X[..., :12])
+    message = str(error.value)
+    assert "`if x.shape[-1] % 2:  # an odd width: pad it even`" in message
+    assert "test_port.py" in message
+    assert "BranchesOnWidth.forward; its bool()) was True when the model was ported" in message
+    assert "and is False for this input" in message
+    assert "ported at input shape (2, 3, 10, 13); called with (2, 3, 10, 12)" in message

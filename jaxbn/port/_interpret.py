@@ -78,6 +78,7 @@ class _Draft:
     defaults: list[Any] = dataclasses.field(default_factory=list)
     nodes: list[Node] = dataclasses.field(default_factory=list)
     output: Any = None
+    attributes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> torch path
 
 
 @dataclasses.dataclass
@@ -108,6 +109,7 @@ class Interpreter:
     def get_attr(self, node: Any, draft: _Draft) -> None:
         """A parameter or persistent buffer read outside a layer is a variable where the
         converter puts it; anything else (a non-persistent buffer, a constant) a constant."""
+        draft.attributes[node.name] = node.target
         prefix, _, name = node.target.rpartition(".")
         owner = self.root.get_submodule(prefix) if prefix else self.root
         value = getattr(owner, name)
@@ -314,6 +316,13 @@ class Interpreter:
                 self.problems.append(f"{_where(node)}: {error}")
                 return
         alias = _first_ref(args) if in_place or call.in_place else None
+        if alias is not None and alias in draft.attributes:
+            self.problems.append(
+                f"{_where(node)}: updates the module's tensor {draft.attributes[alias]} in "
+                "place; a port carries no state but BatchNorm statistics (keep the module a "
+                "leaf with a converter: leaves=, converters=)"
+            )
+            return
         # `inplace=` has no meaning in JAX; the alias carries its effect.
         kwargs.pop("inplace", None)
         draft.nodes.append(
@@ -322,7 +331,10 @@ class Interpreter:
 
 
 def _where(node: Any) -> str:
-    return f"node {node.name!r} ({node.format_node()})"
+    """The node, and the module whose forward it is in."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    inside = f" in module {stack[-1][0]!r} ({_name(stack[-1][1])})" if stack else ""
+    return f"node {node.name!r}{inside} ({node.format_node()})"
 
 
 def _refs(value: Any) -> Any:

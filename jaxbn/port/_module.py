@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ._errors import PortError
 from ._layers import Layer
 
 
@@ -96,6 +97,8 @@ class PortedModule(nn.Module):
     eval_program: Program
     train_program: Program
     layers: tuple[tuple[str, Layer], ...]
+    # the example input(s) it was traced on: (shape, dtype name) each
+    example: tuple[tuple[tuple[int, ...], str], ...] = ()
 
     @nn.compact
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
@@ -117,12 +120,19 @@ class PortedModule(nn.Module):
                 f"({', '.join(program.inputs)}), got {len(args)}"
             )
         bound: tuple[dict[Any, Any], dict[str, nn.Module], dict[str, Any]] = ({}, {}, {})
-        if self.is_initializing():
-            # Declare the variables only the other mode uses too (GoogLeNet's
-            # auxiliary heads run in training only); init is never a step.
-            other = self.eval_program if train else self.train_program
-            self._run(other, args, False, bound)
-        return self._run(program, args, train, bound)
+        try:
+            if self.is_initializing():
+                # Declare the variables only the other mode uses too (GoogLeNet's
+                # auxiliary heads run in training only); init is never a step.
+                other = self.eval_program if train else self.train_program
+                self._run(other, args, False, bound)
+            return self._run(program, args, train, bound)
+        except PortError as error:  # a size that takes another branch: say which shapes
+            ported = ", ".join(str(tuple(shape)) for shape, _ in self.example)
+            given = ", ".join(str(tuple(jnp.shape(a))) for a in args)
+            raise PortError(
+                f"{error} (ported at input shape {ported}; called with {given})"
+            ) from None
 
     def _run(self, program: Program, args: tuple[Any, ...], train: bool, bound: Any) -> Any:
         """Run the nodes; ``bound`` caches scopes, layers and bare parameters for this call."""

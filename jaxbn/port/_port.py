@@ -13,9 +13,10 @@ import numpy as np
 
 from .._torch import import_torch, to_numpy
 from ..convert import LayoutWarning, from_torch
+from ._errors import PortError
 from ._interpret import Interpreter
 from ._module import PortedModule
-from ._trace import PortError, timm_notrace, trace
+from ._trace import timm_notrace, trace
 from .ops._registry import resolve
 
 
@@ -115,7 +116,8 @@ def port(
         for k in [*resolve().functions, *converters]
         if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
     } | timm_functions
-    graphs = trace(module, is_leaf, autowrap)
+    inputs = _as_inputs(example_input)
+    graphs = trace(module, is_leaf, autowrap, [torch.from_numpy(x) for x in inputs])
 
     train_program = interpreter.compile(graphs[True])
     eval_program = interpreter.compile(graphs[False])
@@ -132,8 +134,9 @@ def port(
         eval_program=eval_program,
         train_program=train_program,
         layers=tuple(interpreter.layers.items()),
+        example=tuple((x.shape, x.dtype.name) for x in inputs),
     )
-    variables = _variables(flax_module, module, example_input)
+    variables = _variables(flax_module, module, inputs)
     return Ported(flax_module, variables, tuple(interpreter.ops))
 
 
@@ -142,7 +145,7 @@ def _as_inputs(example_input: Any) -> tuple[Any, ...]:
     return tuple(np.asarray(to_numpy(x)) if hasattr(x, "detach") else np.asarray(x) for x in inputs)
 
 
-def _variables(flax_module: PortedModule, module: Any, example_input: Any) -> dict[str, Any]:
+def _variables(flax_module: PortedModule, module: Any, inputs: tuple[Any, ...]) -> dict[str, Any]:
     """The converter's variables, with the ported module's own declaration as the template.
 
     The template is what places bare parameters (layer scale) and proves
@@ -150,7 +153,6 @@ def _variables(flax_module: PortedModule, module: Any, example_input: Any) -> di
     dtypes. The port flattens in torch's order, so the converter's flatten
     warning does not apply.
     """
-    inputs = _as_inputs(example_input)
     shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs, train=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayoutWarning)

@@ -1,13 +1,35 @@
-"""torch.fx tracing of a torch module in train and in eval mode, with leaf modules."""
+"""torch.fx tracing of a torch module in train and in eval mode, with leaf modules, that
+follows Python control flow on sizes.
+
+Plain ``torch.fx`` cannot trace ``if h % 7:`` or ``for i in range(n)`` where ``h`` and
+``n`` come from a tensor's shape. Here every node also carries its value on the example
+input (the module runs once alongside the trace, under ``no_grad``, its buffers and
+torch's RNG restored afterwards). Where the forward turns a size into a Python
+bool, int or length, the trace takes the example's branch and records a
+:func:`~jaxbn.port.ops.guard`: the ported module then checks, when it is traced
+at other shapes, that the size takes the same branch, and raises a
+:class:`PortError` naming the place if it does not. Shapes the forward only
+computes with (``x.view(b, c, h * w)``) stay symbolic, so a ported ResNet takes
+any batch and size. Control flow on tensor *values* (``if x.sum() > 0``) is
+refused, as FX refuses it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import linecache
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from ._errors import PortError
+from .ops import guard
 
-class PortError(ValueError):
-    """A model could not be ported; the message lists every reason and the fix."""
+_VALUE = "jaxbn_value"  # node.meta key: the node's value on the example input
+_STATIC = "jaxbn_static"  # node.meta key: a Python value computed from sizes alone
+_UNKNOWN = object()
+# Tensor attributes and methods whose result depends on the shape alone.
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
 
 
 def timm_notrace() -> tuple[frozenset[type], frozenset[Any]]:
@@ -20,21 +42,17 @@ def timm_notrace() -> tuple[frozenset[type], frozenset[Any]]:
 
 
 def trace(
-    module: Any, is_leaf: Callable[[Any, str], bool], autowrap: Iterable[Any]
+    module: Any,
+    is_leaf: Callable[[Any, str], bool],
+    autowrap: Iterable[Any],
+    inputs: Sequence[Any] = (),
 ) -> dict[bool, Any]:
-    """``{training: fx.Graph}``: the module traced in train and in eval mode.
+    """``{training: fx.Graph}``: the module traced in train and in eval mode, on ``inputs``
+    (torch tensors, or other values of the forward's arguments).
 
-    Tracing does not run the module; the modes are restored afterwards.
+    The module's modes, buffers and torch's RNG state are restored afterwards.
     """
     import torch.fx
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: Any, module_qualified_name: str) -> bool:
-            # (FX's own rule keeps torch.nn's modules whole: one without an op
-            # is named as a module, not as the functions inside it)
-            return is_leaf(m, module_qualified_name) or super().is_leaf_module(
-                m, module_qualified_name
-            )
 
     if is_leaf(module, ""):
         # The whole module is one leaf (a bare Conv2d): one call at path ''.
@@ -42,19 +60,227 @@ def trace(
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
         return {True: graph, False: graph}
     modes = [(m, m.training) for m in module.modules()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.random.get_rng_state()
     graphs = {}
     try:
         for training in (True, False):
             module.train(training)
-            tracer = Tracer(autowrap_functions=tuple(f for f in autowrap if callable(f)))
+            tracer = _tracer_class()(is_leaf, inputs, autowrap)
             try:
-                graphs[training] = tracer.trace(module)
+                with torch.no_grad():
+                    graphs[training] = tracer.trace(module)
+            except PortError:
+                raise
             except Exception as error:
                 raise PortError(_trace_failure(module, tracer, error, training)) from error
     finally:
         for m, training in modes:
             m.training = training
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        torch.random.set_rng_state(rng)
     return graphs
+
+
+def _tracer_class() -> type:
+    """The tracer (a class made on first use: it subclasses torch's)."""
+    global _TRACER
+    if _TRACER is None:
+        _TRACER = _make_tracer()
+    return _TRACER
+
+
+_TRACER: type | None = None
+
+
+def _make_tracer() -> type:
+    import torch
+    import torch.fx
+    from torch.fx.node import map_aggregate
+
+    def value_of(a: Any) -> Any:
+        return a.meta.get(_VALUE, _UNKNOWN) if isinstance(a, torch.fx.Node) else a
+
+    class ConcreteProxy(torch.fx.Proxy):
+        """A proxy whose size-derived value becomes Python where the forward needs one."""
+
+        def __getattr__(self, k: str) -> Any:
+            return ConcreteAttribute(self, k)
+
+        def __len__(self) -> int:
+            if isinstance(self.node.meta.get(_VALUE), torch.Tensor):
+                return self.tracer.static(self.size(0), "int")
+            return len(self.tracer.static(self, "len"))
+
+        def __index__(self) -> int:
+            return self.tracer.static(self, "int")
+
+        def __int__(self) -> int:
+            return self.tracer.static(self, "int")
+
+    class ConcreteAttribute(torch.fx.proxy.Attribute, ConcreteProxy):
+        """``x.shape`` and friends (a node made when first used, as FX's)."""
+
+    class Tracer(torch.fx.Tracer):
+        def __init__(
+            self,
+            is_leaf: Callable[[Any, str], bool],
+            inputs: Sequence[Any],
+            autowrap: Iterable[Any],
+        ) -> None:
+            super().__init__(autowrap_functions=tuple(f for f in autowrap if callable(f)))
+            # Buffers are read through the graph too, so that a forward that updates one
+            # in place (a BatchNorm traced into) is seen, not run on the module.
+            self.proxy_buffer_attributes = True
+            self._is_leaf = is_leaf
+            self._inputs = list(inputs)
+            self._placeholders = 0
+            self._evaluating = False
+
+        # --- leaves -----------------------------------------------------------
+
+        def is_leaf_module(self, m: Any, module_qualified_name: str) -> bool:
+            # (FX's own rule keeps torch.nn's modules whole: one without an op
+            # is named as a module, not as the functions inside it)
+            return self._is_leaf(m, module_qualified_name) or super().is_leaf_module(
+                m, module_qualified_name
+            )
+
+        def call_module(self, m: Any, forward: Any, args: Any, kwargs: Any) -> Any:
+            if self._evaluating:  # a leaf computing its value: nothing to record
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
+        def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Any) -> Any:
+            if self._evaluating:
+                return attr_val
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+        # --- values -----------------------------------------------------------
+
+        def proxy(self, node: Any) -> Any:
+            return ConcreteProxy(node, self)
+
+        def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> Any:  # fmt: skip
+            proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+            node = proxy.node
+            node.meta[_VALUE], node.meta[_STATIC] = self._evaluate(node)
+            return proxy
+
+        def _evaluate(self, node: Any) -> tuple[Any, bool]:
+            """The node's value on the example input, and whether it is a Python value
+            computed from sizes alone."""
+            if node.op == "placeholder":
+                index, self._placeholders = self._placeholders, self._placeholders + 1
+                if index < len(self._inputs):
+                    value = self._inputs[index]
+                else:
+                    value = node.args[0] if node.args else _UNKNOWN
+                return value, not isinstance(value, torch.Tensor) and value is not _UNKNOWN
+            if node.op == "get_attr":
+                self._evaluating = True  # (module attribute reads would make proxies)
+                try:
+                    value: Any = self.root
+                    for part in node.target.split("."):
+                        value = getattr(value, part)
+                finally:
+                    self._evaluating = False
+                return value, False
+            args = map_aggregate(node.args, value_of)
+            kwargs = map_aggregate(node.kwargs, value_of)
+            known: list[bool] = []
+            map_aggregate((args, kwargs), lambda a: known.append(a is not _UNKNOWN))
+            if not all(known):
+                return _UNKNOWN, False
+            self._evaluating = True
+            try:
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    value = self.root.get_submodule(node.target)(*args, **kwargs)
+            except Exception:  # the example does not run here: forcing it fails as in FX
+                return _UNKNOWN, False
+            finally:
+                self._evaluating = False
+            return value, self._is_static(node, value)
+
+        def _is_static(self, node: Any, value: Any) -> bool:
+            if isinstance(value, torch.Tensor):
+                return False
+            if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES:  # fmt: skip
+                return True
+            if node.op == "call_method" and node.target in _SHAPE_METHODS:
+                return True
+            flags: list[bool] = []
+            map_aggregate(
+                (node.args, node.kwargs),
+                lambda a: (
+                    flags.append(a.meta.get(_STATIC, False))
+                    if isinstance(a, torch.fx.Node)
+                    else None
+                ),
+            )
+            return all(flags)
+
+        # --- where the forward needs a Python value -------------------------------
+
+        def static(self, proxy: Any, kind: str) -> Any:
+            """The size-derived value of ``proxy``, guarded; an error for a tensor's data."""
+            node = proxy.node
+            value = node.meta.get(_VALUE, _UNKNOWN)
+            if value is _UNKNOWN or not node.meta.get(_STATIC, False):
+                raise torch.fx.proxy.TraceError(
+                    f"Python control flow ({kind}() of a traced value) on a value that is "
+                    "not computed from sizes alone: a compiled program cannot branch on "
+                    "tensor data"
+                )
+            expected = {"bool": bool, "int": int, "len": len}[kind](value)
+            subject = proxy if kind != "len" else self.create_proxy(
+                "call_function", len, (proxy,), {}
+            )  # fmt: skip
+            self.create_proxy("call_function", guard, (subject, expected, self._where(kind)), {})
+            return value if kind == "len" else expected
+
+        def to_bool(self, obj: Any) -> bool:
+            return self.static(obj, "bool")
+
+        def iter(self, obj: Any) -> Iterator[Any]:
+            value = obj.node.meta.get(_VALUE, _UNKNOWN)
+            if isinstance(value, torch.Tensor):
+                count = self.static(obj.size(0), "int")
+            else:
+                count = len(self.static(obj, "len"))
+            return iter([obj[i] for i in range(count)])
+
+        def _where(self, kind: str) -> str:
+            """The module the forward is in, and the line of its source that needs a value."""
+            stack = list(self.module_stack.values())
+            path, cls = stack[-1] if stack else ("", type(self.root))
+            block = f"module {path!r} ({_name(cls)})" if path else f"{_name(cls)}.forward"
+            frame = _user_frame()
+            if frame is None:
+                return f"a size in {block}"
+            line = linecache.getline(frame.filename, frame.lineno or 0).strip()
+            return f"`{line}` ({frame.filename}:{frame.lineno}, in {block}; its {kind}())"
+
+    return Tracer
+
+
+# Files of the tracing machinery, not of any forward.
+_MACHINERY = ("/torch/fx/", "/torch/nn/modules/module.py", "/torch/overrides.py", "/jaxbn/port/")
+
+
+def _user_frame() -> traceback.FrameSummary | None:
+    """The innermost frame of a forward's code (the model's, or torch's own modules')."""
+    for frame in reversed(traceback.extract_stack()):
+        name = frame.filename.replace("\\", "/")
+        if not any(part in name for part in _MACHINERY) and "/contextlib.py" not in name:
+            return frame
+    return None
 
 
 def _trace_failure(module: Any, tracer: Any, error: Exception, training: bool) -> str:
@@ -67,8 +293,9 @@ def _trace_failure(module: Any, tracer: Any, error: Exception, training: bool) -
         "Fix: keep that module as a leaf and give its converter, e.g. "
         f"jaxbn.port(model, x, leaves=[{cls.__name__}], converters={{{cls.__name__}: fn}}) "
         "where fn(torch_module) returns a flax.linen Module computing its forward "
-        "(or a jax function of its inputs). Data-dependent Python control flow "
-        "(`if x.sum() > 0`) and calls into non-torch libraries are what FX cannot trace."
+        "(or a jax function of its inputs). Python control flow on tensor values "
+        "(`if x.sum() > 0`) and calls into non-torch libraries are what FX cannot trace; "
+        "control flow on sizes is followed."
     )
 
 

@@ -64,7 +64,9 @@ from ._python import ge as ge
 from ._python import get_attribute as getattr
 from ._python import getitem as getitem
 from ._python import gt as gt
+from ._python import guard as guard
 from ._python import le as le
+from ._python import length as len
 from ._python import lt as lt
 from ._python import matmul as matmul
 from ._python import mod as mod
@@ -175,6 +177,7 @@ __all__ = [
     "getitem",
     "group_norm",
     "gt",
+    "guard",
     "hard_mish",
     "hardsigmoid",
     "hardswish",
@@ -185,6 +188,7 @@ __all__ = [
     "layer_norm",
     "le",
     "leaky_relu",
+    "len",
     "linear",
     "log",
     "log_softmax",

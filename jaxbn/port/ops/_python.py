@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._errors import PortError
 from ._registry import register
 
 Array = jax.Array
@@ -140,6 +141,12 @@ def floor(input: Any) -> Any:
     return math.floor(input) if _is_number(input) else jnp.floor(input)
 
 
+@register("builtins.len", name="len")
+def length(obj: Any) -> int:
+    """``len()`` of a size tuple (or of a tensor: its first axis)."""
+    return len(obj)
+
+
 @register("operator.getitem")
 def getitem(obj: Any, index: Any) -> Any:
     """``x[index]``: a tensor's slices and index arrays, a size tuple's items."""
@@ -168,3 +175,18 @@ def assert_(condition: Any, message: str) -> None:
     and is not checked."""
     if isinstance(condition, bool) and not condition:
         raise AssertionError(message)
+
+
+@register("jaxbn.port.ops._python.guard")
+def guard(value: Any, expected: Any, where: str) -> None:
+    """Where torch's forward branched on a size (``if h % 7:``, ``range(n)``): the value
+    it had when the port traced it. Another value would take a branch the port does not
+    have, so it is an error, raised when the ported module is traced; never other numbers.
+    """
+    actual = bool(value) if isinstance(expected, bool) else value
+    if actual != expected:
+        raise PortError(
+            f"{where} was {expected!r} when the model was ported and is {actual!r} for this "
+            "input, which takes another branch of torch's forward than the port has. Port "
+            "the model again with an example input of this shape: jaxbn.port(model, x)"
+        )
