@@ -659,3 +659,32 @@ def test_trained_resnet_like_model_converts_and_matches_torch_in_eval():
     assert int(variables["batch_stats"]["bn1"]["num_batches_tracked"]) == 5
     logits_ans = FlaxResNetLike().apply(variables, x_ans)
     assert_close(logits_ans, logits_ref, what="logits")
+
+
+class IndexTable(torch.nn.Module):
+    """A persistent int64 index buffer beside a parameter, as timm's attention-bias tables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.biases = torch.nn.Parameter(torch.linspace(0, 1, 4))
+        self.register_buffer("index", torch.tensor([[0, 3, 1], [2, 2, 0]]))
+
+
+def test_an_int64_buffer_fits_the_int32_template_jax_makes():
+    """JAX holds integers as int32 unless x64 is on, so a template from init says int32;
+    the converted int64 table is what JAX makes int32, and goes back to torch as int64."""
+    model = IndexTable()
+    template = {
+        "params": {"biases": jax.ShapeDtypeStruct((4,), jnp.float32)},
+        "buffers": {"index": jax.ShapeDtypeStruct((2, 3), jnp.int32)},
+    }
+    variables = jaxbn.from_torch(model, template)
+    index = model.get_buffer("index")
+    np.testing.assert_array_equal(variables["buffers"]["index"], index.numpy())
+    state = jaxbn.to_torch(variables, model)
+    assert state["index"].dtype == torch.int64
+    assert torch.equal(state["index"], index)
+    with pytest.raises(ConversionError, match="converted float32\\[4\\], template float64\\[4\\]"):
+        jaxbn.from_torch(
+            model, {**template, "params": {"biases": jax.ShapeDtypeStruct((4,), jnp.float64)}}
+        )

@@ -249,6 +249,23 @@ CASES: dict[str, list[Case]] = {
             (2, 3, 3, 5, 6),
         ),
     ],
+    "conv_transpose1d": [
+        case(nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1), (2, 3, 7)),
+    ],
+    "conv_transpose2d": [
+        case(nn.ConvTranspose2d(3, 6, 3, stride=2, padding=1, groups=3, dilation=2)),
+        case(nn.ConvTranspose2d(3, 2, (2, 3), stride=(2, 1), output_padding=(1, 0), bias=False)),
+        case(
+            WithTensors(
+                lambda m, x: F.conv_transpose2d(x, m.weight, m.bias, 2, 2, 1),
+                weight=_weight(3, 4, 4, 4),
+                bias=_weight(4),
+            )
+        ),
+    ],
+    "conv_transpose3d": [
+        case(nn.ConvTranspose3d(3, 2, 2, stride=2), (2, 3, 2, 3, 4)),
+    ],
     "conv2d_same": [
         case(create_conv2d(3, 4, 3, stride=2, padding="same"), (2, 3, 7, 8)),
         case(
@@ -426,6 +443,34 @@ CASES: dict[str, list[Case]] = {
         case(lambda x: F.unfold(x, 3)),
     ],
     "fold": [case(nn.Fold((5, 6), 2, padding=(0, 1), stride=(1, 2)), (2, 12, 16))],
+    "sin": [case(torch.sin), case(lambda x: x.sin())],
+    "cos": [case(lambda x: x.cos() * torch.cos(x))],
+    "repeat": [case(lambda x: x.repeat(1, 2, 1, 3)), case(lambda x: x[0].repeat(2, 1, 1, 1))],
+    "arange": [
+        case(
+            lambda x: (
+                x * torch.arange(x.shape[-1])
+                + torch.arange(1, x.shape[2] + 1, dtype=torch.float32)[:, None]
+            )
+        ),
+        case(lambda x: x + torch.arange(0.5, x.shape[-1], 1.5)[:4].sum()),
+    ],
+    "tensor": [
+        case(lambda x: x / torch.sqrt(torch.tensor(x.shape[1])) + torch.as_tensor(x.shape[2] * 0.5))
+    ],
+    "meshgrid": [
+        case(
+            lambda x: (
+                x
+                * torch.stack(
+                    torch.meshgrid(
+                        torch.arange(x.shape[2]), torch.arange(x.shape[3]), indexing="ij"
+                    )
+                ).sum(0)
+            )
+        ),
+        case(lambda x: x + torch.meshgrid(x[0, 0, :, 0], x[0, 0, 0, :], indexing="xy")[1].T),
+    ],
     "unfold_dim": [case(lambda x: x.unfold(2, 2, 2)), case(lambda x: x.unfold(-1, 3, 1))],
     # --- resizing ---
     "interpolate": [
@@ -435,6 +480,39 @@ CASES: dict[str, list[Case]] = {
             forward_mode=False,
         ),
         case(nn.UpsamplingNearest2d(scale_factor=3), forward_mode=False),
+    ],
+    # (torch has no forward-mode derivative of grid_sample)
+    "grid_sample": [
+        case(
+            lambda x, g: F.grid_sample(x, g, align_corners=True),
+            X,
+            (2, 4, 3, 2),
+            forward_mode=False,
+        ),
+        case(
+            lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="border", align_corners=False),
+            X,
+            (2, 4, 3, 2),
+            forward_mode=False,
+        ),
+        case(
+            lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="reflection", align_corners=True),
+            X,
+            (2, 4, 3, 2),
+            forward_mode=False,
+        ),
+        case(
+            lambda x, g: F.grid_sample(x, g * 2.5, padding_mode="reflection", align_corners=False),
+            X,
+            (2, 4, 3, 2),
+            forward_mode=False,
+        ),
+        case(
+            lambda x, g: F.grid_sample(x, g, mode="nearest", align_corners=False),
+            X,
+            (2, 4, 3, 2),
+            forward_mode=False,
+        ),
     ],
     # --- Python operators and shapes ---
     "add": [case(lambda x: x + 1 + torch.add(x, x, alpha=2)), case(lambda x: (x * 1).add_(x))],

@@ -14,6 +14,7 @@ import inspect as pyinspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from .._functional import count_dtype
@@ -254,7 +255,9 @@ def plan_from_torch(
     )
     if template is None:
         return report
-    result = {e.flax_key: f"{e.dtype}[{', '.join(map(str, e.flax_shape))}]" for e in entries}
+    result = {
+        e.flax_key: f"{_held_by_jax(e.dtype)}[{', '.join(map(str, e.flax_shape))}]" for e in entries
+    }
     torch_keys = {e.flax_key: e.torch_key for e in entries}
 
     def label(key: FlaxKey) -> str:
@@ -581,6 +584,16 @@ def describe_all(tree: Mapping[FlaxKey, Any]) -> dict[FlaxKey, str]:
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _held_by_jax(dtype: str) -> str:
+    """The dtype JAX holds an integer array of ``dtype`` in: int64 index tables are int32
+    in a template unless x64 is on, and JAX makes the converted int64 array int32 too.
+    (Floats are compared as they are: a float64 checkpoint against a float32 template
+    is a difference worth reporting.)"""
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype))).name
+    return dtype
 
 
 def _group_by_module(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

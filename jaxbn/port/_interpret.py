@@ -127,7 +127,8 @@ class Interpreter:
                 f"(jaxbn.convert.inspect cannot place it: {self._why(node.target)})"
             )
             return
-        draft.nodes.append(Node(node.name, "variable", found))
+        in_layer = owner is not self.root and self.is_leaf(owner)
+        draft.nodes.append(Node(node.name, "variable", (*found, in_layer)))
 
     def call_module(self, node: Any, draft: _Draft) -> None:
         m = self.root.get_submodule(node.target)

@@ -42,6 +42,15 @@ class Variable(NamedTuple):
             value = scope.param(self.name, init, self.shape, jnp.dtype(self.dtype))
         else:
             value = scope.variable(self.collection, self.name, init, self.shape).value
+        return self._torch_layout(value)
+
+    def read(self, scope: Any) -> jax.Array:
+        """Its value in ``scope``, where a layer declares it (zeros before that, at init)."""
+        if scope.has_variable(self.collection, self.name):
+            return self._torch_layout(scope.get_variable(self.collection, self.name))
+        return self._torch_layout(jnp.zeros(self.shape, jnp.dtype(self.dtype)))
+
+    def _torch_layout(self, value: jax.Array) -> jax.Array:
         if self.axes == tuple(range(len(self.axes))):
             return value
         return jnp.transpose(value, self.axes)

@@ -42,8 +42,9 @@ class Node:
 
     ``kind`` is 'layer' (``target`` is the torch module path), 'call'
     (``target`` is a JAX function; train-aware ones take ``train=``/``rng=``),
-    'variable' (``target`` is (Flax module path, :class:`Variable`): a
-    parameter or buffer read outside a layer) or 'constant'.
+    'variable' (``target`` is (Flax module path, :class:`Variable`, whether a
+    layer at that path declares it): a parameter or buffer read outside a
+    layer) or 'constant'.
     ``alias`` names an input that torch mutates in place (``inplace=True``,
     ``add_``): later nodes see this node's result under that name too.
     """
@@ -166,11 +167,14 @@ class PortedModule(nn.Module):
                     k |= {"train": train, "rng": rng}
                 out = node.target(*a, **k)
             elif node.kind == "variable":
-                if node.target not in bare:
-                    path, variable = node.target
-                    owner = scope(path) if path else self.scope
-                    bare[node.target] = variable.declare(owner)
-                out = bare[node.target]
+                path, variable, in_layer = node.target
+                owner = scope(path) if path else self.scope
+                if in_layer:  # a layer's own tensor, read outside it: the layer declares it
+                    out = variable.read(owner)
+                else:
+                    if node.target not in bare:
+                        bare[node.target] = variable.declare(owner)
+                    out = bare[node.target]
             else:  # a constant tensor captured by the trace
                 out = jnp.asarray(np.asarray(node.target))
             env[node.name] = out

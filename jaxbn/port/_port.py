@@ -16,7 +16,7 @@ from ..convert import LayoutWarning, from_torch
 from ._errors import PortError
 from ._interpret import Interpreter
 from ._module import PortedModule
-from ._trace import timm_notrace, trace
+from ._trace import trace
 from .ops._registry import resolve
 
 
@@ -102,7 +102,6 @@ def port(
     converters = dict(converters or {})
     leaves = list(leaves)
     interpreter = Interpreter(module, converters)
-    _, timm_functions = timm_notrace()
     leaf_types = frozenset(leaf for leaf in leaves if isinstance(leaf, type))
     leaf_paths = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
 
@@ -115,7 +114,7 @@ def port(
         k
         for k in [*resolve().functions, *converters]
         if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
-    } | timm_functions
+    }
     inputs = _as_inputs(example_input)
     graphs = trace(module, is_leaf, autowrap, [torch.from_numpy(x) for x in inputs])
 

@@ -16,10 +16,11 @@ refused, as FX refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._errors import PortError
 from .ops import guard
@@ -30,15 +31,6 @@ _UNKNOWN = object()
 # Tensor attributes and methods whose result depends on the shape alone.
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
-
-
-def timm_notrace() -> tuple[frozenset[type], frozenset[Any]]:
-    """timm's no-trace modules and functions, when timm is importable."""
-    try:
-        from timm.layers import _fx
-    except ImportError:
-        return frozenset(), frozenset()
-    return frozenset(_fx.get_notrace_modules()), frozenset(_fx.get_notrace_functions())
 
 
 def trace(
@@ -68,7 +60,7 @@ def trace(
             module.train(training)
             tracer = _tracer_class()(is_leaf, inputs, autowrap)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _recorded_factories(tracer):
                     graphs[training] = tracer.trace(module)
             except PortError:
                 raise
@@ -82,6 +74,39 @@ def trace(
                 buffer.copy_(value)
         torch.random.set_rng_state(rng)
     return graphs
+
+
+# torch functions that take Python data, not tensors, so that a size passed to them
+# (torch.tensor(h)) never reaches FX's __torch_function__.
+_FACTORIES = ("tensor", "as_tensor")
+
+
+@contextlib.contextmanager
+def _recorded_factories(tracer: Any) -> Iterator[None]:
+    """While tracing, ``torch.tensor(size)`` is a graph node, not an error."""
+    import torch
+    import torch.fx
+    from torch.fx.node import map_aggregate
+
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def recorded(original: Callable[..., Any]) -> Callable[..., Any]:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            found: list[bool] = []
+            map_aggregate((args, kwargs), lambda a: found.append(isinstance(a, torch.fx.Proxy)))
+            if any(found):
+                return tracer.create_proxy("call_function", original, args, kwargs)
+            return original(*args, **kwargs)
+
+        return factory
+
+    try:
+        for name, original in originals.items():
+            setattr(torch, name, recorded(original))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
 
 
 def _tracer_class() -> type:
@@ -99,6 +124,7 @@ def _make_tracer() -> type:
     import torch
     import torch.fx
     from torch.fx.node import map_aggregate
+    from torch.fx.proxy import Attribute, TraceError
 
     def value_of(a: Any) -> Any:
         return a.meta.get(_VALUE, _UNKNOWN) if isinstance(a, torch.fx.Node) else a
@@ -107,20 +133,24 @@ def _make_tracer() -> type:
         """A proxy whose size-derived value becomes Python where the forward needs one."""
 
         def __getattr__(self, k: str) -> Any:
-            return ConcreteAttribute(self, k)
+            if isinstance(self.node.meta.get(_VALUE), torch.device):
+                # (x.device.type: a constant, as autocast(device_type=...) needs one)
+                return getattr(self.node.meta[_VALUE], k)
+            return cast(Any, ConcreteAttribute)(self, k)
 
         def __len__(self) -> int:
+            tracer = cast(Any, self.tracer)
             if isinstance(self.node.meta.get(_VALUE), torch.Tensor):
-                return self.tracer.static(self.size(0), "int")
-            return len(self.tracer.static(self, "len"))
+                return tracer.static(self.size(0), "int")
+            return len(tracer.static(self, "len"))
 
         def __index__(self) -> int:
-            return self.tracer.static(self, "int")
+            return cast(Any, self.tracer).static(self, "int")
 
         def __int__(self) -> int:
-            return self.tracer.static(self, "int")
+            return cast(Any, self.tracer).static(self, "int")
 
-    class ConcreteAttribute(torch.fx.proxy.Attribute, ConcreteProxy):
+    class ConcreteAttribute(Attribute, ConcreteProxy):
         """``x.shape`` and friends (a node made when first used, as FX's)."""
 
     class Tracer(torch.fx.Tracer):
@@ -163,11 +193,10 @@ def _make_tracer() -> type:
         def proxy(self, node: Any) -> Any:
             return ConcreteProxy(node, self)
 
-        def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> Any:  # fmt: skip
-            proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
-            node = proxy.node
+        def create_node(self, *args: Any, **kwargs: Any) -> Any:
+            node = super().create_node(*args, **kwargs)
             node.meta[_VALUE], node.meta[_STATIC] = self._evaluate(node)
-            return proxy
+            return node
 
         def _evaluate(self, node: Any) -> tuple[Any, bool]:
             """The node's value on the example input, and whether it is a Python value
@@ -233,10 +262,9 @@ def _make_tracer() -> type:
             node = proxy.node
             value = node.meta.get(_VALUE, _UNKNOWN)
             if value is _UNKNOWN or not node.meta.get(_STATIC, False):
-                raise torch.fx.proxy.TraceError(
-                    f"Python control flow ({kind}() of a traced value) on a value that is "
-                    "not computed from sizes alone: a compiled program cannot branch on "
-                    "tensor data"
+                raise TraceError(
+                    f"{self._where(kind)} needs a Python value computed from tensor data, "
+                    "not from sizes alone: a compiled program cannot branch on it"
                 )
             expected = {"bool": bool, "int": int, "len": len}[kind](value)
             subject = proxy if kind != "len" else self.create_proxy(

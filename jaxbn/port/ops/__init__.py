@@ -32,6 +32,9 @@ from ._linear import conv1d as conv1d
 from ._linear import conv2d as conv2d
 from ._linear import conv2d_same as conv2d_same
 from ._linear import conv3d as conv3d
+from ._linear import conv_transpose1d as conv_transpose1d
+from ._linear import conv_transpose2d as conv_transpose2d
+from ._linear import conv_transpose3d as conv_transpose3d
 from ._linear import linear as linear
 from ._normalization import batch_norm as batch_norm
 from ._normalization import group_norm as group_norm
@@ -83,15 +86,18 @@ from ._random import dropout3d as dropout3d
 from ._random import stochastic_depth as stochastic_depth
 from ._registry import ENTRIES as ENTRIES
 from ._registry import Entry as Entry
+from ._resizing import grid_sample as grid_sample
 from ._resizing import interpolate as interpolate
 from ._tensors import abs_of as abs
 from ._tensors import amax as amax
 from ._tensors import amin as amin
+from ._tensors import arange as arange
 from ._tensors import cat as cat
 from ._tensors import chunk as chunk
 from ._tensors import clamp as clamp
 from ._tensors import clamp_max as clamp_max
 from ._tensors import clamp_min as clamp_min
+from ._tensors import cos as cos
 from ._tensors import detach as detach
 from ._tensors import dim as dim
 from ._tensors import exp as exp
@@ -103,18 +109,22 @@ from ._tensors import identity as identity
 from ._tensors import log as log
 from ._tensors import max_of as max
 from ._tensors import mean as mean
+from ._tensors import meshgrid as meshgrid
 from ._tensors import min_of as min
 from ._tensors import numel as numel
 from ._tensors import permute as permute
+from ._tensors import repeat as repeat
 from ._tensors import reshape as reshape
 from ._tensors import reshape_as as reshape_as
 from ._tensors import rsqrt as rsqrt
+from ._tensors import sin as sin
 from ._tensors import size as size
 from ._tensors import split as split
 from ._tensors import sqrt as sqrt
 from ._tensors import squeeze as squeeze
 from ._tensors import stack as stack
 from ._tensors import sum_of as sum
+from ._tensors import tensor as tensor
 from ._tensors import to as to
 from ._tensors import to_float as float
 from ._tensors import transpose as transpose
@@ -138,6 +148,7 @@ __all__ = [
     "add",
     "amax",
     "amin",
+    "arange",
     "assert_",
     "avg_pool1d",
     "avg_pool2d",
@@ -153,6 +164,10 @@ __all__ = [
     "conv2d",
     "conv2d_same",
     "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "cos",
     "detach",
     "dim",
     "div",
@@ -175,6 +190,7 @@ __all__ = [
     "gelu",
     "getattr",
     "getitem",
+    "grid_sample",
     "group_norm",
     "gt",
     "guard",
@@ -199,6 +215,7 @@ __all__ = [
     "max_pool2d",
     "max_pool3d",
     "mean",
+    "meshgrid",
     "min",
     "mish",
     "mod",
@@ -215,6 +232,7 @@ __all__ = [
     "quick_gelu",
     "relu",
     "relu6",
+    "repeat",
     "reshape",
     "reshape_as",
     "rms_norm",
@@ -222,6 +240,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "sigmoid",
     "silu",
+    "sin",
     "size",
     "softmax",
     "softplus",
@@ -234,6 +253,7 @@ __all__ = [
     "sub",
     "sum",
     "tanh",
+    "tensor",
     "to",
     "transpose",
     "type_as",

@@ -21,7 +21,7 @@ from jax.typing import DTypeLike
 
 from .._layers import Layer, dtype_of, plain_call
 from ._padding import MODES, pad_same
-from ._registry import AsLayer, Unsupported, register
+from ._registry import AsLayer, register
 
 Array = jax.Array
 
@@ -73,11 +73,58 @@ def _convolve(
     return y
 
 
+def _transposed_convolve(
+    input: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Any,
+    padding: Any,
+    output_padding: Any,
+    groups: int,
+    dilation: Any,
+) -> Array:
+    """The gradient of a convolution, as torch computes ``conv_transpose``: (in, out/groups,
+    *k) weight; output length ``(n - 1) * stride - 2 * padding + dilation * (k - 1) +
+    output_padding + 1``."""
+    d = weight.ndim - 2
+    if input.ndim == d + 1:
+        return _transposed_convolve(
+            input[None], weight, bias, stride, padding, output_padding, groups, dilation
+        )[0]
+    k = weight.shape[2:]
+    s, p, op, dil = (_tuple(v, d) for v in (stride, padding, output_padding, dilation))
+    ins, outs = weight.shape[0], weight.shape[1] * groups
+    # (in, out/g, *k) -> (out, in/g, *k), each group's block transposed, the window flipped
+    w = weight.reshape(groups, ins // groups, outs // groups, *k).swapaxes(1, 2)
+    w = jnp.flip(w.reshape(outs, ins // groups, *k), axis=tuple(range(2, d + 2)))
+    pairs = tuple(
+        (di * (ki - 1) - pi, di * (ki - 1) - pi + oi)
+        for ki, pi, oi, di in zip(k, p, op, dil, strict=True)
+    )
+    spatial = "DHW"[3 - d :]
+    y = lax.conv_general_dilated(
+        input,
+        w,
+        window_strides=(1,) * d,
+        padding=pairs,
+        lhs_dilation=s,
+        rhs_dilation=dil,
+        feature_group_count=groups,
+        dimension_numbers=(f"NC{spatial}", f"OI{spatial}", f"NC{spatial}"),
+    )
+    if bias is not None:
+        y = y + bias.reshape(-1, *(1,) * d)
+    return y
+
+
 class Conv(nn.Module):
-    """``torch.nn.Conv{1,2,3}d`` on (N, C, *spatial) input.
+    """``torch.nn.Conv{1,2,3}d`` and ``ConvTranspose{1,2,3}d`` on (N, C, *spatial) input.
 
     ``padding`` is explicit (low, high) per spatial axis, already resolved
-    from torch's int, tuple, 'same' or 'valid'.
+    from torch's int, tuple, 'same' or 'valid' (a transposed convolution's
+    is torch's, low == high). A transposed convolution's kernel is
+    ``(*k, out/groups, in)``, the converter's layout of torch's ``(in,
+    out/groups, *k)``.
     """
 
     in_channels: int
@@ -90,32 +137,46 @@ class Conv(nn.Module):
     use_bias: bool = True
     padding_mode: str = "zeros"
     param_dtype: DTypeLike = jnp.float32
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, output_size: Any = None) -> jax.Array:
         d = len(self.kernel_size)
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (*self.kernel_size, self.in_channels // self.groups, self.out_channels),
-            self.param_dtype,
+        shape = (
+            (*self.kernel_size, self.out_channels // self.groups, self.in_channels)
+            if self.transposed
+            else (*self.kernel_size, self.in_channels // self.groups, self.out_channels)
         )
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.out_channels,), self.param_dtype)
+        weight = jnp.transpose(kernel, (d + 1, d, *range(d)))  # -> torch's (out|in, ..., *k)
+        if self.transposed:
+            low = tuple(p for p, _ in self.padding)
+            extra = self.output_padding
+            if output_size is not None:  # torch's forward(input, output_size)
+                extra = tuple(
+                    int(want) - ((n - 1) * s - 2 * p + di * (k - 1) + 1)
+                    for want, n, s, p, di, k in zip(
+                        tuple(output_size)[-d:], x.shape[-d:], self.stride, low,
+                        self.dilation, self.kernel_size, strict=True,
+                    )
+                )  # fmt: skip
+            return _transposed_convolve(
+                x, weight, bias, self.stride, low, extra, self.groups, self.dilation
+            )
         padding = self.padding
         if self.padding_mode != "zeros":
             widths = ((0, 0),) * (x.ndim - d) + padding
             x = jnp.pad(x, widths, mode=MODES[self.padding_mode])  # type: ignore[arg-type]
             padding = ((0, 0),) * d
-        weight = jnp.transpose(kernel, (d + 1, d, *range(d)))  # -> (out, in, *k)
         return _convolve(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
 
 def conv_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
-    """A torch ``Conv{1,2,3}d`` module as :class:`Conv`."""
-    if getattr(m, "transposed", False):
-        raise Unsupported("transposed convolution has no converter yet")
+    """A torch ``Conv{1,2,3}d`` or ``ConvTranspose{1,2,3}d`` module as :class:`Conv`."""
     k, dil = tuple(m.kernel_size), tuple(m.dilation)
     return Layer(
         functools.partial(
@@ -130,6 +191,8 @@ def conv_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
             m.bias is not None,
             m.padding_mode,
             dtype_of(m.weight),
+            m.transposed,
+            tuple(m.output_padding),
         ),
         plain_call,
     )
@@ -199,6 +262,66 @@ def conv3d(
     groups: int = 1,
 ) -> Array:
     return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+
+@register(
+    "torch.nn.functional.conv_transpose1d",
+    "torch.conv_transpose1d",
+    modules={"torch.nn.ConvTranspose1d": AsLayer(conv_layer)},
+)
+def conv_transpose1d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+) -> Array:
+    return _transposed_convolve(
+        input, weight, bias, stride, padding, output_padding, groups, dilation
+    )
+
+
+@register(
+    "torch.nn.functional.conv_transpose2d",
+    "torch.conv_transpose2d",
+    modules={"torch.nn.ConvTranspose2d": AsLayer(conv_layer)},
+)
+def conv_transpose2d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+) -> Array:
+    return _transposed_convolve(
+        input, weight, bias, stride, padding, output_padding, groups, dilation
+    )
+
+
+@register(
+    "torch.nn.functional.conv_transpose3d",
+    "torch.conv_transpose3d",
+    modules={"torch.nn.ConvTranspose3d": AsLayer(conv_layer)},
+)
+def conv_transpose3d(
+    input: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+) -> Array:
+    return _transposed_convolve(
+        input, weight, bias, stride, padding, output_padding, groups, dilation
+    )
 
 
 def conv2d_same_layer(m: Any, child: Callable[[str], Layer]) -> Layer:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._errors import PortError
 from ._registry import register
@@ -26,8 +27,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_CATEGORIES = (jnp.bool_, jnp.integer, jnp.floating, jnp.complexfloating)
+
+
+def _category(value: Any) -> int:
+    dtype = jnp.result_type(value)
+    return next(i for i, kind in enumerate(_CATEGORIES) if jnp.issubdtype(dtype, kind))
+
+
+def promoted(input: Any, other: Any) -> tuple[Any, Any]:
+    """torch's promotion across kinds: an integer (or bool) tensor meets a float one as
+    that float (``x * torch.arange(n)``); JAX's strict mode would refuse the pair."""
+    arrays = (jax.Array, np.ndarray, np.generic)
+    if not (isinstance(input, arrays) and isinstance(other, arrays)):
+        return input, other
+    low, high = sorted((input, other), key=_category)
+    if _category(low) == _category(high):
+        return input, other
+    cast = low.astype(high.dtype)
+    return (cast, other) if low is input else (input, cast)
+
+
 @register("operator.add", "operator.iadd", "torch.add", "Tensor.add", "Tensor.add_")
 def add(input: Any, other: Any, *, alpha: Any = 1) -> Any:
+    input, other = promoted(input, other)
     return input + (other if alpha == 1 else other * alpha)
 
 
@@ -40,6 +63,7 @@ def add(input: Any, other: Any, *, alpha: Any = 1) -> Any:
     "Tensor.sub_",
 )
 def sub(input: Any, other: Any, *, alpha: Any = 1) -> Any:
+    input, other = promoted(input, other)
     return input - (other if alpha == 1 else other * alpha)
 
 
@@ -52,6 +76,7 @@ def sub(input: Any, other: Any, *, alpha: Any = 1) -> Any:
     "Tensor.mul_",
 )
 def mul(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input * other
 
 
@@ -65,6 +90,7 @@ def mul(input: Any, other: Any) -> Any:
     "Tensor.div_",
 )
 def div(input: Any, other: Any, *, rounding_mode: str | None = None) -> Any:
+    input, other = promoted(input, other)
     if rounding_mode == "floor":
         return input // other
     if rounding_mode == "trunc":

@@ -379,3 +379,87 @@ def _cubic_taps(
     weights = [far(t + dtype(1)), near(t), near(dtype(1) - t), far(dtype(1) - t + dtype(1))]
     indices = [np.clip(i + k, 0, n - 1) for k in (-1, 0, 1, 2)]
     return indices, weights
+
+
+# --- sampling at coordinates (F.grid_sample) --------------------------------------
+
+_GRID_MODES = ("bilinear", "nearest")
+_GRID_PADDING = ("zeros", "border", "reflection")
+
+
+def _check_grid_sample(mode: Any = "bilinear", padding_mode: Any = "zeros", **_: Any) -> None:
+    if isinstance(mode, str) and mode not in _GRID_MODES:
+        raise Unsupported(f"F.grid_sample: mode={mode!r} has no port; ported: {_GRID_MODES}")
+    if isinstance(padding_mode, str) and padding_mode not in _GRID_PADDING:
+        raise Unsupported(f"F.grid_sample: padding_mode={padding_mode!r} is not torch's")
+
+
+def _unnormalized(coord: Array, size: int, align_corners: bool) -> Array:
+    """torch's ``grid_sampler_unnormalize``: [-1, 1] to pixel coordinates."""
+    if align_corners:
+        return (coord + 1) / 2 * (size - 1)
+    return ((coord + 1) * size - 1) / 2
+
+
+def _reflected(x: Array, low: float, high: float) -> Array:
+    """torch's ``reflect_coordinates`` over [low, high] (twice the bounds, so halves)."""
+    if low == high:
+        return jnp.zeros_like(x)
+    span = (high - low) / 2
+    x = jnp.abs(x - low / 2)
+    flips = jnp.floor(x / span)
+    extra = x - flips * span
+    return jnp.where(flips % 2 == 0, extra + low / 2, span - extra + low / 2)
+
+
+def _source(coord: Array, size: int, padding_mode: str, align_corners: bool) -> Array:
+    """torch's ``grid_sampler_compute_source_index``."""
+    x = _unnormalized(coord, size, align_corners)
+    if padding_mode == "reflection":
+        x = _reflected(x, 0, 2 * (size - 1)) if align_corners else _reflected(x, -1, 2 * size - 1)
+    if padding_mode in ("border", "reflection"):
+        x = jnp.clip(x, 0, size - 1)
+    return x
+
+
+@register(
+    "torch.nn.functional.grid_sample",
+    "torch.grid_sampler",
+    check=_check_grid_sample,
+)
+def grid_sample(
+    input: Array,
+    grid: Array,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool | None = None,
+) -> Array:
+    """Sample (N, C, H, W) ``input`` at ``grid`` (N, Ho, Wo, 2): x (width) then y, in
+    [-1, 1] (the corners' centres with ``align_corners``, else their outer edges).
+    Outside, 'zeros' gives 0, 'border' the edge, 'reflection' the mirror image.
+    'bilinear' is differentiable in the input and the grid; 'nearest' rounds half to
+    even, as torch's ``nearbyint``."""
+    n, _, h, w = input.shape
+    corners = bool(align_corners)
+    x = _source(grid[..., 0], w, padding_mode, corners)
+    y = _source(grid[..., 1], h, padding_mode, corners)
+    rows = jnp.arange(n)[:, None, None]
+
+    def tap(iy: Array, ix: Array) -> Array:
+        """input at integer (iy, ix), 0 outside: (N, Ho, Wo, C) -> (N, C, Ho, Wo)."""
+        inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
+        cy, cx = jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)
+        values = jnp.moveaxis(input, 1, -1)[rows, cy, cx]
+        return jnp.moveaxis(jnp.where(inside[..., None], values, 0), -1, 1)
+
+    if mode == "nearest":
+        return tap(jnp.round(y).astype(jnp.int32), jnp.round(x).astype(jnp.int32))
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    tx, ty = (x - x0)[:, None], (y - y0)[:, None]
+    ix, iy = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    return (
+        tap(iy, ix) * (1 - tx) * (1 - ty)
+        + tap(iy, ix + 1) * tx * (1 - ty)
+        + tap(iy + 1, ix) * (1 - tx) * ty
+        + tap(iy + 1, ix + 1) * tx * ty
+    )

@@ -149,6 +149,41 @@ def numel(input: Array) -> int:
     return int(np.prod(input.shape))
 
 
+@register("Tensor.repeat")
+def repeat(input: Array, *sizes: Any) -> Array:
+    """Tile ``input`` ``sizes`` times per axis (more sizes than axes add leading axes)."""
+    return jnp.tile(input, _shape_args(sizes))
+
+
+@register("torch.arange")
+def arange(start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, **_: Any) -> Array:
+    """Integers (JAX's int: int32 unless x64 is on) when every bound is one, else
+    float32, as torch's default; a device and the like are ignored."""
+    if end is None:
+        start, end = 0, start
+    if dtype is None and not all(isinstance(v, int) for v in (start, end, step)):
+        dtype = jnp.float32
+    return jnp.arange(start, end, step, dtype=dtype)
+
+
+@register("torch.tensor", "torch.as_tensor")
+def tensor(data: Any, dtype: Any = None, device: Any = None, **_: Any) -> Array:
+    """Python numbers (a size) as a tensor: torch's dtypes (bool; ints as JAX's int;
+    floats float32), or ``dtype``; an array keeps its own."""
+    if dtype is None and not hasattr(data, "dtype"):
+        leaves = jax.tree.leaves(data)
+        if not all(isinstance(v, int) for v in leaves):  # (bools are ints)
+            dtype = jnp.float32
+    return jnp.asarray(data, dtype)
+
+
+@register("torch.meshgrid")
+def meshgrid(*tensors: Any, indexing: str | None = None) -> tuple[Array, ...]:
+    """torch's default is 'ij' (matrix) indexing."""
+    arrays = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)) else tensors
+    return tuple(jnp.meshgrid(*arrays, indexing=indexing or "ij"))
+
+
 # --- joining and splitting ---------------------------------------------------
 
 
@@ -253,6 +288,16 @@ def rsqrt(input: Array) -> Array:
 @register("torch.exp", "Tensor.exp")
 def exp(input: Array) -> Array:
     return jnp.exp(input)
+
+
+@register("torch.sin", "Tensor.sin")
+def sin(input: Array) -> Array:
+    return jnp.sin(input)
+
+
+@register("torch.cos", "Tensor.cos")
+def cos(input: Array) -> Array:
+    return jnp.cos(input)
 
 
 @register("torch.log", "Tensor.log")
