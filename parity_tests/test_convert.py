@@ -688,3 +688,22 @@ def test_an_int64_buffer_fits_the_int32_template_jax_makes():
         jaxbn.from_torch(
             model, {**template, "params": {"biases": jax.ShapeDtypeStruct((4,), jnp.float64)}}
         )
+
+
+class LearnableAffine(torch.nn.Module):
+    """Bare parameters named as a norm layer's Flax variables (hgnetv2's affine block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([1.5]))
+        self.bias = torch.nn.Parameter(torch.tensor([0.25]))
+
+
+def test_bare_parameters_named_scale_and_bias_go_back_under_their_own_names():
+    """Flax's `scale`/`bias` look like a norm layer's; the torch template says otherwise."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), LearnableAffine())
+    variables = jaxbn.from_torch(model, kinds={"1": "Param"})
+    assert set(variables["params"]["1"]) == {"scale", "bias"}
+    state = jaxbn.to_torch(variables, model)
+    assert list(state) == ["0.weight", "0.bias", "1.scale", "1.bias"]
+    assert_same_state(state, model.state_dict())

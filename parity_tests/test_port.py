@@ -6,6 +6,7 @@ The whole torchvision/timm models are in test_port_models.py.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any, cast
 
@@ -662,3 +663,81 @@ def test_control_flow_on_sizes_follows_the_example_and_refuses_another_branch():
     assert "BranchesOnWidth.forward; its bool()) was True when the model was ported" in message
     assert "and is False for this input" in message
     assert "ported at input shape (2, 3, 10, 13); called with (2, 3, 10, 12)" in message
+
+
+class TwoImages(torch.nn.Module):
+    """Two inputs, a Python number and a step count, and a dict of a list out: RAFT's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, image1, image2, scale: float = 1.0, steps: int = 2):
+        x = self.bn(self.conv(torch.cat([image1, image2], 1)))
+        means = []
+        for _ in range(steps):
+            x = x * scale
+            means.append(x.mean((2, 3)))
+        return {"means": means, "last": x}
+
+
+def test_several_inputs_by_position_and_by_name_and_nested_outputs():
+    image1, image2 = X, X[:, ::-1].copy()
+    model = TwoImages().eval()
+    ported = jaxbn.port(model, {"image1": image1, "image2": image2, "steps": 3})
+    with torch.no_grad():
+        desired = model(torch.from_numpy(image1), torch.from_numpy(image2), 0.5, steps=3)
+    apply = functools.partial(ported.module.apply, ported.variables)
+    for actual in (
+        apply(image1, image2, 0.5, 3),
+        apply(image2=image2, image1=image1, scale=0.5, steps=3),
+        apply(image1, image2, steps=3, scale=0.5),
+    ):
+        actual = cast(dict[str, Any], actual)
+        assert set(actual) == {"means", "last"}
+        assert len(actual["means"]) == 3
+        for a, d in zip(actual["means"], desired["means"], strict=True):
+            assert_close(a, d, what="means")
+        assert_close(actual["last"], desired["last"], what="last")
+    with pytest.raises(PortError, match=r"`for _ in range\(steps\):`.* was 3 when the model"):
+        apply(image1, image2, steps=2)
+    with pytest.raises(TypeError, match="has no input 'image3'; its inputs are image1, image2"):
+        apply(image1, image3=image2)
+    with pytest.raises(TypeError, match=r"needs its inputs .* missing \['image2'\]"):
+        apply(image1)
+
+
+class Caches(torch.nn.Module):
+    """A forward that stores what it computes on the module (as levit's bias cache and
+    RAFT's correlation pyramid do): tracing must not leave FX's proxies there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.last: Any = None
+
+    def forward(self, x):
+        key = str(x.shape[-1])
+        if key not in self.cache:
+            self.cache[key] = x.mean()
+        self.last = self.bn(x)
+        return self.last + self.cache[key]
+
+
+def test_porting_leaves_the_torch_module_as_it_was():
+    model = Caches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    ported = jaxbn.port(model, torch.from_numpy(X))
+    assert model.cache == {}
+    assert model.last is None
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the training trace updated no statistic
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    copy.deepcopy(model)  # (proxies left on a module break deep copies)
+    desired, actual, _ = run_both(model, X, train=True)
+    assert_close(actual, desired, what="after the port")
+    assert ported.ops

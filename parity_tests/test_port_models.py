@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +25,7 @@ import torch
 import torchvision
 
 import jaxbn
-from jaxbn.parity import LayerDiff, compare_models
-from jaxbn.port import without_dropout
+from jaxbn.parity import LayerDiff, compare_models, randomized
 
 from .helpers import assert_same_state, fast_lane
 
@@ -112,32 +111,6 @@ TRAINING_OUTPUTS = {
 FAST = {"resnet18"}
 
 
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm weights and statistics; every dropout probability 0."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (hi - lo) + lo)
-
-    def normal(t: torch.Tensor, std: float) -> None:
-        t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
-
-    model = without_dropout(model)
-    with torch.no_grad():
-        for module in model.modules():
-            m = cast(Any, module)  # BatchNorm and FrozenBatchNorm2d alike
-            if isinstance(
-                module, (torch.nn.modules.batchnorm._NormBase, torchvision.ops.FrozenBatchNorm2d)
-            ):
-                uniform(m.weight, 0.5, 1.5)
-                normal(m.bias, 0.2)
-                normal(m.running_mean, 0.2)
-                uniform(m.running_var, 0.5, 1.5)
-                if getattr(m, "num_batches_tracked", None) is not None:
-                    m.num_batches_tracked.fill_(7)
-    return model
-
-
 QUANTITIES = ("eval output", "training output", "running statistics", "gradients")
 
 
@@ -178,7 +151,7 @@ def check_model(name: str) -> dict[str, Any]:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model = randomise(factory())
+        model = randomized(factory())
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     start = time.perf_counter()
     ported = jaxbn.port(model, torch.from_numpy(x))

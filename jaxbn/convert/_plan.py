@@ -546,12 +546,18 @@ def _spec_for_flax(
             for row in [spec.tensor_for_flax(c, n)]
         )
     ]
-    if named:
-        return named[0]
-    # Bare parameters: where the template has a tensor of each name.
-    if template_state and all(_join(prefix, n) in template_state for _, n in leaves):
-        return KINDS["Param"]
-    return None
+    if template_state:
+        # The kind whose torch names the template has: a module of no known kind
+        # with its own `scale` and `bias` (hgnetv2's LearnableAffineBlock) is bare
+        # parameters, not a norm layer's weight and bias.
+        for spec in [*named, KINDS["Param"]]:
+            rows = [spec.tensor_for_flax(c, n) for c, n in leaves]
+            if all(
+                row is not None and _join(prefix, row.torch_name(n)) in template_state
+                for row, (_, n) in zip(rows, leaves, strict=True)
+            ):
+                return spec
+    return named[0] if named else None
 
 
 # --- accounting ---------------------------------------------------------------

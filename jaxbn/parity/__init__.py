@@ -45,6 +45,7 @@ from ._compare import compare as compare
 from ._models import LayerDiff as LayerDiff
 from ._models import ModelReport as ModelReport
 from ._models import compare_models as compare_models
+from ._models import randomized as randomized
 from ._models import to_ref_layout_inverse as to_ref_layout_inverse
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "format_table",
     "jax_step_fn",
     "make_pair",
+    "randomized",
     "run",
     "run_case",
     "step_quantities",

@@ -23,6 +23,51 @@ if TYPE_CHECKING:
     import torch
 
 
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` whose BatchNorms have random weights and statistics, and whose
+    dropout probabilities are 0: the model to compare a port with.
+
+    At init a BatchNorm's weight is 1, its bias, mean 0, its variance 1, so a
+    port that mixes them up (or ignores eps, or the statistics) still agrees
+    with torch; random values, with ``num_batches_tracked`` 7, do not. Each
+    module with ``running_mean`` and ``running_var`` (torch's BatchNorms,
+    ``FrozenBatchNorm2d``, timm's) gets weight and variance in [0.5, 1.5),
+    bias and mean from N(0, 0.2^2); dropout goes as in
+    :func:`jaxbn.port.without_dropout`, since torch's and JAX's masks cannot agree.
+
+    >>> import torch
+    >>> bn = randomized(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
+    >>> int(bn.num_batches_tracked), bool((bn.running_var != 1).all())
+    (7, True)
+    """
+    from jaxbn.port import without_dropout
+
+    torch = import_torch()
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(t: Any, lo: float, hi: float) -> None:
+        if t is not None:
+            t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * (hi - lo) + lo)
+
+    def normal(t: Any, std: float) -> None:
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
+
+    quiet = without_dropout(model)
+    with torch.no_grad():
+        for module in quiet.modules():
+            m = cast(Any, module)
+            if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
+                continue
+            uniform(getattr(m, "weight", None), 0.5, 1.5)
+            normal(getattr(m, "bias", None), 0.2)
+            normal(m.running_mean, 0.2)
+            uniform(m.running_var, 0.5, 1.5)
+            if getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.fill_(7)
+    return quiet
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerDiff:
     """How far one quantity of one layer is from torch's."""
@@ -143,7 +188,8 @@ def compare_models(
       torch_model: the reference; it is deep-copied, so its buffers and
         gradients are left as they were.
       flax_model, variables: the port and its variables.
-      x: the input, in torch's layout (numpy or torch).
+      x: the input, in torch's layout (numpy or torch), or a tuple of the inputs of a
+        model that takes several (RAFT's two images).
       train: run a training step (torch ``train()``; pass the Flax model's own
         flag in ``flax_kwargs``, e.g. ``{'train': True}``). Updated running
         statistics are then compared too.
@@ -151,8 +197,8 @@ def compare_models(
       flax_kwargs: extra keyword arguments for the Flax model's ``__call__``.
       channels_last: Flax activations are (N, ..., C); compare them with
         torch's (N, C, ...) by moving the last axis to 1.
-      gradients: also compare the gradients of every parameter, through a
-        random upstream gradient on the output.
+      gradients: also compare the gradients of every parameter torch trains
+        (``requires_grad``), through a random upstream gradient on the output.
       rtol, atol: tolerance per tensor, ``|diff| <= atol + rtol * max|torch|``.
       seed: for the upstream gradients (one per floating-point output leaf).
       kinds: layer-kind overrides for the converter, as in
@@ -187,8 +233,11 @@ def compare_models(
     torch = import_torch()
     if reference not in ("same", "float64"):
         raise ValueError(f"reference must be 'same' or 'float64', got {reference!r}")
-    x_np = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
-    own = _TorchRun(torch_model, x_np, train, gradients, seed, kinds)
+    xs = tuple(
+        to_numpy(a) if isinstance(a, torch.Tensor) else np.asarray(a)
+        for a in (x if isinstance(x, (tuple, list)) else (x,))
+    )
+    own = _TorchRun(torch_model, xs, train, gradients, seed, kinds)
     ref = own.again(torch.float64) if reference == "float64" else own
     tolerance = _Tolerance(rtol, atol, factor if reference == "float64" else None)
 
@@ -197,11 +246,11 @@ def compare_models(
     params = variables.get("params", {})
     rest = {k: v for k, v in variables.items() if k != "params"}
     forward = jax.jit(
-        lambda params, rest, x: flax_model.apply(
-            {"params": params, **rest}, x, capture_intermediates=True, mutable=mutable, **kwargs
+        lambda params, rest, xs: flax_model.apply(
+            {"params": params, **rest}, *xs, capture_intermediates=True, mutable=mutable, **kwargs
         )
     )
-    x_flax = jnp.asarray(x_np if flax_x is None else flax_x)
+    x_flax = tuple(jnp.asarray(a) for a in xs) if flax_x is None else (jnp.asarray(flax_x),)
     vjp = None
     if gradients:
         y_ans, vjp, state = jax.vjp(lambda p: forward(p, rest, x_flax), params, has_aux=True)
@@ -233,10 +282,10 @@ def compare_models(
                 rows.append(tolerance.row(name, quantity, value, leaf, theirs))
     order = {name: i for i, name in enumerate(ref.captured)}
 
+    layer_kinds = _module_kinds(own.model, kinds, variables)  # the same for every run
     gradient_rows: Callable[[_TorchRun], list[LayerDiff]] | None = None
     gradients_at = slice(0)  # where the gradient rows are in ``rows``
     if vjp is not None:
-        layer_kinds = _module_kinds(own.model, kinds)  # the same for both runs
         cotangent = map_leaves(
             y_ans,
             lambda key, leaf: jnp.asarray(
@@ -260,8 +309,8 @@ def compare_models(
         gradients_at = slice(start, len(rows))
     if train and "batch_stats" in state:
         rows += _compare_trees(
-            ref.stats(), {"batch_stats": state["batch_stats"]},
-            own.stats() if ref is not own else None, "", order, tolerance,
+            ref.stats(layer_kinds), {"batch_stats": state["batch_stats"]},
+            own.stats(layer_kinds) if ref is not own else None, "", order, tolerance,
         )  # fmt: skip
 
     judged = tolerance.judge(rows)
@@ -309,7 +358,7 @@ class _TorchRun:
     def __init__(
         self,
         model: torch.nn.Module,
-        x: np.ndarray,
+        x: tuple[np.ndarray, ...],
         train: bool,
         gradients: bool,
         seed: int,
@@ -321,10 +370,10 @@ class _TorchRun:
         torch = import_torch()
         self._args = (model, x, train, gradients, seed, kinds)
         self.model = copy.deepcopy(model).train(train)
-        x_t = to_tensor(x)
+        x_t = [to_tensor(a) for a in x]
         if dtype is not None:
             self.model.to(dtype)
-            x_t = x_t.to(dtype)
+            x_t = [a.to(dtype) if a.is_floating_point() else a for a in x_t]
         self.kinds = kinds
         self.captured: dict[str, list[dict[str, np.ndarray]]] = {}
         handles = [
@@ -337,7 +386,7 @@ class _TorchRun:
                 cast(Any, module).inplace = False  # (a copy) the input stays, for the gradient
             handles.append(module.register_forward_hook(_other_side(flipped)))
         try:
-            y = self.model(x_t)
+            y = self.model(*x_t)
         finally:
             for handle in handles:
                 handle.remove()
@@ -385,8 +434,10 @@ class _TorchRun:
         """The parameter gradients as Flax params, each layer read as ``layer_kinds`` says."""
         return from_torch(_grads_as_state(self.model), kinds=layer_kinds)
 
-    def stats(self) -> dict[str, Any]:
-        return {"batch_stats": from_torch(self.model, kinds=self.kinds).get("batch_stats", {})}
+    def stats(self, layer_kinds: Mapping[str, str]) -> dict[str, Any]:
+        """The running statistics, each layer read as ``layer_kinds`` says."""
+        variables = from_torch(self.model, kinds=layer_kinds)
+        return {"batch_stats": variables.get("batch_stats", {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,20 +641,27 @@ def _compare_trees(
 
 
 def _grads_as_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The gradient of every parameter torch trains: one with ``requires_grad=False``
+    (a detection backbone's frozen stem) has none to compare."""
     torch = import_torch()
     return {
         name: (p.grad if p.grad is not None else torch.zeros_like(p))
         for name, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
-def _module_kinds(model: torch.nn.Module, kinds: Mapping[str, str] | None) -> dict[str, str]:
-    """The kind of every layer with parameters, as the converter reads the live model.
+def _module_kinds(
+    model: torch.nn.Module, kinds: Mapping[str, str] | None, template: Any
+) -> dict[str, str]:
+    """The kind of every layer with parameters, as the converter reads the live model
+    against the Flax variables.
 
     A state dict of gradients alone could not say (a lone 1-D weight, a bare
-    parameter); the module can.
+    parameter); the module can, and the template places a module's own
+    parameters (a relative position table) where the port has them.
     """
-    entries = inspect(model, kinds=kinds).entries
+    entries = inspect(model, template, kinds=kinds).entries
     return {entry.torch_key.rpartition(".")[0]: entry.kind for entry in entries}
 
 

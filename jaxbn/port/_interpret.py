@@ -76,6 +76,7 @@ class _Draft:
 
     inputs: list[str] = dataclasses.field(default_factory=list)
     defaults: list[Any] = dataclasses.field(default_factory=list)
+    names: list[str] = dataclasses.field(default_factory=list)
     nodes: list[Node] = dataclasses.field(default_factory=list)
     output: Any = None
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> torch path
@@ -95,12 +96,19 @@ class Interpreter:
         draft = _Draft()
         for node in graph.nodes:
             getattr(self, node.op)(node, draft)
-        return Program(tuple(draft.inputs), tuple(draft.defaults), tuple(draft.nodes), draft.output)
+        return Program(
+            tuple(draft.inputs),
+            tuple(draft.defaults),
+            tuple(draft.nodes),
+            draft.output,
+            tuple(draft.names),
+        )
 
     # --- one method per node kind -------------------------------------------
 
     def placeholder(self, node: Any, draft: _Draft) -> None:
         draft.inputs.append(node.name)
+        draft.names.append(str(node.target).lstrip("*"))
         draft.defaults.append(node.args[0] if node.args else REQUIRED)
 
     def output(self, node: Any, draft: _Draft) -> None:
@@ -293,6 +301,13 @@ class Interpreter:
             tuple(range(len(shape))),
         )  # fmt: skip
         return tuple(prefix.split(".")) if prefix else (), variable
+
+    def flax_key(self, key: str) -> tuple[str, ...]:
+        """Where the torch tensor ``key`` is among the Flax variables."""
+        found = self._variable(key, key.rpartition(".")[2])
+        assert found is not None, key
+        path, variable = found
+        return (variable.collection, *path, variable.name)
 
     @functools.cached_property
     def _parameters(self) -> frozenset[str]:

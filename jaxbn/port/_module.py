@@ -62,10 +62,11 @@ class Node:
 class Program:
     """A graph's inputs (with defaults), nodes and output structure."""
 
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...]  # the placeholders' node names
     defaults: tuple[Any, ...]
     nodes: tuple[Node, ...]
     output: Any
+    names: tuple[str, ...] = ()  # the forward's parameter names, for keyword inputs
 
 
 def resolve(value: Any, env: Mapping[str, Any]) -> Any:
@@ -104,41 +105,25 @@ class PortedModule(nn.Module):
     @nn.compact
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
         program = self.train_program if train else self.eval_program
-        if len(args) > len(program.inputs):
-            raise TypeError(
-                f"the ported module takes at most {len(program.inputs)} positional inputs "
-                f"({', '.join(program.inputs)}), got {len(args)}"
-            )
-        if kwargs:
-            raise TypeError(
-                f"the ported module takes its inputs positionally ({', '.join(program.inputs)}) "
-                f"and train=; got {sorted(kwargs)}"
-            )
-        missing = len(program.inputs) - len(args)
-        if missing > 0 and any(d is REQUIRED for d in program.defaults[len(args) :]):
-            raise TypeError(
-                f"the ported module needs {len(program.inputs)} inputs "
-                f"({', '.join(program.inputs)}), got {len(args)}"
-            )
+        inputs = _bind(program, args, kwargs)
         bound: tuple[dict[Any, Any], dict[str, nn.Module], dict[str, Any]] = ({}, {}, {})
         try:
             if self.is_initializing():
                 # Declare the variables only the other mode uses too (GoogLeNet's
                 # auxiliary heads run in training only); init is never a step.
                 other = self.eval_program if train else self.train_program
-                self._run(other, args, False, bound)
-            return self._run(program, args, train, bound)
+                self._run(other, _bind(other, args, kwargs), False, bound)
+            return self._run(program, inputs, train, bound)
         except PortError as error:  # a size that takes another branch: say which shapes
             ported = ", ".join(str(tuple(shape)) for shape, _ in self.example)
-            given = ", ".join(str(tuple(jnp.shape(a))) for a in args)
+            given = ", ".join(str(tuple(jnp.shape(a))) for a in [*args, *kwargs.values()])
             raise PortError(
                 f"{error} (ported at input shape {ported}; called with {given})"
             ) from None
 
-    def _run(self, program: Program, args: tuple[Any, ...], train: bool, bound: Any) -> Any:
+    def _run(self, program: Program, inputs: dict[str, Any], train: bool, bound: Any) -> Any:
         """Run the nodes; ``bound`` caches scopes, layers and bare parameters for this call."""
-        env: dict[str, Any] = dict(zip(program.inputs, program.defaults, strict=True))
-        env |= dict(zip(program.inputs, args, strict=False))
+        env = dict(inputs)
         scopes, modules, bare = bound
         layers = dict(self.layers)
 
@@ -181,3 +166,34 @@ class PortedModule(nn.Module):
             if node.alias is not None:
                 env[node.alias] = out
         return resolve(program.output, env)
+
+
+def _bind(program: Program, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The graph's inputs from a call, as Python binds a forward's arguments."""
+    names = program.names or program.inputs
+    listed = ", ".join(names)
+    if len(args) > len(names):
+        raise TypeError(
+            f"the ported module takes at most {len(names)} positional inputs ({listed}), "
+            f"got {len(args)}"
+        )
+    given = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise TypeError(
+                f"the ported module has no input {name!r}; its inputs are {listed} (and train=)"
+            )
+        if name in given:
+            raise TypeError(f"the ported module got two values for its input {name!r}")
+        given[name] = value
+    missing = [
+        name
+        for name, default in zip(names, program.defaults, strict=True)
+        if name not in given and default is REQUIRED
+    ]
+    if missing:
+        raise TypeError(f"the ported module needs its inputs {listed}; missing {missing}")
+    return {
+        node: given.get(name, default)
+        for node, name, default in zip(program.inputs, names, program.defaults, strict=True)
+    }

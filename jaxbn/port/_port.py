@@ -31,11 +31,18 @@ class Ported:
         paths, equal to ``jaxbn.from_torch(torch_module)``.
       ops: the names of the :mod:`jaxbn.port.ops` the port calls (a torch
         module, function or method each became), in the order first met.
+      frozen: the Flax paths (``('params', 'body', 'conv1', 'kernel')``) of
+        the parameters torch does not train (``requires_grad=False``: a
+        detection backbone's frozen stem). JAX differentiates every
+        parameter; to train as torch does, leave these out of the update
+        (``optax.masked``).
     """
 
     module: PortedModule
     variables: dict[str, Any]
     ops: tuple[str, ...] = ()  # the jaxbn.port.ops it calls, in the order first met
+    # Flax paths of the parameters torch does not train (requires_grad=False)
+    frozen: tuple[tuple[str, ...], ...] = ()
 
 
 def port(
@@ -73,10 +80,15 @@ def port(
 
     Args:
       module: a ``torch.nn.Module``; it is not modified.
-      example_input: an input the torch module accepts (a tensor or numpy
-        array, or a tuple of them for several inputs). The Flax module is
-        traced on it once, abstractly, to check that its variables are
-        exactly those of :func:`jaxbn.from_torch`.
+      example_input: an input the torch module accepts: a tensor or numpy
+        array, a tuple of them for several inputs (RAFT's two images), or a
+        dict of keyword inputs by the forward's parameter names (Python
+        values such as ``num_flow_updates=4`` too). The module runs on it
+        once while it is traced (sizes the forward branches on are taken
+        from it), and the Flax module is traced on it once, abstractly, to
+        check that its variables are exactly those of
+        :func:`jaxbn.from_torch`. The ported module takes the same inputs,
+        positionally or by name.
       converters: extra or overriding rows of the op table: a module class
         -> ``fn(torch_module)`` returning a ``flax.linen.Module`` (called
         with the module's inputs), a :class:`Layer` or a jax function; a
@@ -115,8 +127,8 @@ def port(
         for k in [*resolve().functions, *converters]
         if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
     }
-    inputs = _as_inputs(example_input)
-    graphs = trace(module, is_leaf, autowrap, [torch.from_numpy(x) for x in inputs])
+    args, kwargs = _as_inputs(example_input)
+    graphs = trace(module, is_leaf, autowrap, _as_torch(args), _as_torch(kwargs))
 
     train_program = interpreter.compile(graphs[True])
     eval_program = interpreter.compile(graphs[False])
@@ -133,18 +145,40 @@ def port(
         eval_program=eval_program,
         train_program=train_program,
         layers=tuple(interpreter.layers.items()),
-        example=tuple((x.shape, x.dtype.name) for x in inputs),
+        example=tuple((np.shape(x), np.result_type(x).name) for x in [*args, *kwargs.values()]),
     )
-    variables = _variables(flax_module, module, inputs)
-    return Ported(flax_module, variables, tuple(interpreter.ops))
+    variables = _variables(flax_module, module, args, kwargs)
+    frozen = tuple(
+        interpreter.flax_key(name) for name, p in module.named_parameters() if not p.requires_grad
+    )
+    return Ported(flax_module, variables, tuple(interpreter.ops), frozen)
 
 
-def _as_inputs(example_input: Any) -> tuple[Any, ...]:
+def _as_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(positional, keyword) inputs: tensors as numpy arrays, Python values as they are."""
+
+    def value(x: Any) -> Any:
+        if hasattr(x, "detach"):
+            return np.asarray(to_numpy(x))
+        return x if isinstance(x, (bool, int, float, str, type(None))) else np.asarray(x)
+
+    if isinstance(example_input, Mapping):
+        return (), {str(k): value(v) for k, v in example_input.items()}
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    return tuple(np.asarray(to_numpy(x)) if hasattr(x, "detach") else np.asarray(x) for x in inputs)
+    return tuple(value(x) for x in inputs), {}
 
 
-def _variables(flax_module: PortedModule, module: Any, inputs: tuple[Any, ...]) -> dict[str, Any]:
+def _as_torch(values: Any) -> Any:
+    torch = import_torch()
+    convert = lambda x: torch.from_numpy(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    if isinstance(values, dict):
+        return {k: convert(v) for k, v in values.items()}
+    return [convert(v) for v in values]
+
+
+def _variables(
+    flax_module: PortedModule, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """The converter's variables, with the ported module's own declaration as the template.
 
     The template is what places bare parameters (layer scale) and proves
@@ -152,7 +186,9 @@ def _variables(flax_module: PortedModule, module: Any, inputs: tuple[Any, ...]) 
     dtypes. The port flattens in torch's order, so the converter's flatten
     warning does not apply.
     """
-    shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs, train=False))
+    shapes = jax.eval_shape(
+        lambda: flax_module.init(jax.random.key(0), *args, train=False, **kwargs)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayoutWarning)
         variables, report = from_torch(module, shapes, strict=False)

@@ -17,9 +17,10 @@ refused, as FX refuses it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import linecache
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from ._errors import PortError
@@ -38,11 +39,14 @@ def trace(
     is_leaf: Callable[[Any, str], bool],
     autowrap: Iterable[Any],
     inputs: Sequence[Any] = (),
+    keywords: Mapping[str, Any] | None = None,
 ) -> dict[bool, Any]:
     """``{training: fx.Graph}``: the module traced in train and in eval mode, on ``inputs``
-    (torch tensors, or other values of the forward's arguments).
+    and ``keywords`` (torch tensors, or other values of the forward's arguments).
 
-    The module's modes, buffers and torch's RNG state are restored afterwards.
+    The module is left as it was: its attributes (modes; caches a forward fills,
+    as timm's attention-bias caches, which would otherwise keep FX's proxies),
+    its buffers' values and torch's RNG state are restored afterwards.
     """
     import torch.fx
 
@@ -51,14 +55,13 @@ def trace(
         graph = torch.fx.Graph()
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
         return {True: graph, False: graph}
-    modes = [(m, m.training) for m in module.modules()]
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    rng = torch.random.get_rng_state()
     graphs = {}
-    try:
-        for training in (True, False):
+    for training in (True, False):
+        # Each trace starts from the module as it was (a cache the train trace filled
+        # would hand the eval trace the train trace's proxies).
+        with _restored(module):
             module.train(training)
-            tracer = _tracer_class()(is_leaf, inputs, autowrap)
+            tracer = _tracer_class()(is_leaf, inputs, keywords or {}, autowrap)
             try:
                 with torch.no_grad(), _recorded_factories(tracer):
                     graphs[training] = tracer.trace(module)
@@ -66,14 +69,37 @@ def trace(
                 raise
             except Exception as error:
                 raise PortError(_trace_failure(module, tracer, error, training)) from error
+    return graphs
+
+
+@contextlib.contextmanager
+def _restored(module: Any) -> Iterator[None]:
+    """Run a block, then put back every submodule's attributes (containers one level deep:
+    a cache dict a forward fills in place), its buffers' values and torch's RNG state."""
+    import torch
+
+    attributes = [
+        (
+            m,
+            {
+                k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                for k, v in vars(m).items()
+            },
+        )
+        for m in module.modules()
+    ]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.random.get_rng_state()
+    try:
+        yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, saved in attributes:
+            vars(m).clear()
+            vars(m).update(saved)
         with torch.no_grad():
             for buffer, value in buffers:
                 buffer.copy_(value)
         torch.random.set_rng_state(rng)
-    return graphs
 
 
 # torch functions that take Python data, not tensors, so that a size passed to them
@@ -158,9 +184,11 @@ def _make_tracer() -> type:
             self,
             is_leaf: Callable[[Any, str], bool],
             inputs: Sequence[Any],
+            keywords: Mapping[str, Any],
             autowrap: Iterable[Any],
         ) -> None:
             super().__init__(autowrap_functions=tuple(f for f in autowrap if callable(f)))
+            self._keywords = dict(keywords)
             # Buffers are read through the graph too, so that a forward that updates one
             # in place (a BatchNorm traced into) is seen, not run on the module.
             self.proxy_buffer_attributes = True
@@ -203,8 +231,11 @@ def _make_tracer() -> type:
             computed from sizes alone."""
             if node.op == "placeholder":
                 index, self._placeholders = self._placeholders, self._placeholders + 1
+                name = str(node.target).lstrip("*")
                 if index < len(self._inputs):
                     value = self._inputs[index]
+                elif name in self._keywords:
+                    value = self._keywords[name]
                 else:
                     value = node.args[0] if node.args else _UNKNOWN
                 return value, not isinstance(value, torch.Tensor) and value is not _UNKNOWN
