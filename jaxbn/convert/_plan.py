@@ -256,15 +256,16 @@ def plan_from_torch(
     if template is None:
         return report
     result = {
-        e.flax_key: f"{_held_by_jax(e.dtype)}[{', '.join(map(str, e.flax_shape))}]" for e in entries
+        e.flax_key: _held_by_jax(f"{e.dtype}[{', '.join(map(str, e.flax_shape))}]") for e in entries
     }
+    held = {key: _held_by_jax(description) for key, description in template.items()}
     torch_keys = {e.flax_key: e.torch_key for e in entries}
 
     def label(key: FlaxKey) -> str:
         flax = "/".join(key)
         return f"{flax} (torch {torch_keys[key]})" if key in torch_keys else flax
 
-    return dataclasses.replace(report, **accounting(result, template, label))
+    return dataclasses.replace(report, **accounting(result, held, label))
 
 
 def _origin(source: Source, key: str) -> str:
@@ -592,14 +593,15 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _held_by_jax(dtype: str) -> str:
-    """The dtype JAX holds an integer array of ``dtype`` in: int64 index tables are int32
-    in a template unless x64 is on, and JAX makes the converted int64 array int32 too.
+def _held_by_jax(description: str) -> str:
+    """``'int64[49, 49]'`` as JAX holds it: an int64 index table is int32 in a template
+    made by JAX unless x64 is on, and JAX makes the converted int64 array int32 too.
     (Floats are compared as they are: a float64 checkpoint against a float32 template
     is a difference worth reporting.)"""
+    dtype, bracket, shape = description.partition("[")
     if np.issubdtype(np.dtype(dtype), np.integer):
-        return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype))).name
-    return dtype
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype))).name
+    return f"{dtype}{bracket}{shape}"
 
 
 def _group_by_module(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,7 @@ from ..convert import inspect as plan
 from ..convert._layouts import LAYOUTS
 from ._layers import Layer, Variable, WithVariables, op, plain_call
 from ._module import REQUIRED, Node, Program, Ref
+from ._trace import VALUE
 from .ops._registry import AsLayer, Call, Unsupported, resolve
 
 
@@ -120,11 +121,12 @@ class Interpreter:
         draft.attributes[node.name] = node.target
         prefix, _, name = node.target.rpartition(".")
         owner = self.root.get_submodule(prefix) if prefix else self.root
-        value = getattr(owner, name)
         persistent = name in owner._parameters or (
             name in owner._buffers and name not in owner._non_persistent_buffers_set
         )
         if not persistent:
+            # (the value as traced: FX's own tensor constants are gone from the module)
+            value = node.meta[VALUE] if VALUE in node.meta else getattr(owner, name)
             array = np.asarray(value.detach().cpu().numpy())
             draft.nodes.append(Node(node.name, "constant", array))
             return

@@ -37,9 +37,9 @@ class Variable(NamedTuple):
 
     def declare(self, scope: Any) -> jax.Array:
         """Declare it in ``scope`` (a Flax module or scope), and return it in torch's layout."""
-        init = lambda *_: jnp.zeros(self.shape, jnp.dtype(self.dtype))  # noqa: E731
+        init = lambda *_: self._zeros()  # noqa: E731
         if self.collection == "params":
-            value = scope.param(self.name, init, self.shape, jnp.dtype(self.dtype))
+            value = scope.param(self.name, init, self.shape, self._zeros().dtype)
         else:
             value = scope.variable(self.collection, self.name, init, self.shape).value
         return self._torch_layout(value)
@@ -48,7 +48,11 @@ class Variable(NamedTuple):
         """Its value in ``scope``, where a layer declares it (zeros before that, at init)."""
         if scope.has_variable(self.collection, self.name):
             return self._torch_layout(scope.get_variable(self.collection, self.name))
-        return self._torch_layout(jnp.zeros(self.shape, jnp.dtype(self.dtype)))
+        return self._torch_layout(self._zeros())
+
+    def _zeros(self) -> jax.Array:
+        # (in the dtype JAX holds: an int64 index table is int32 unless x64 is on)
+        return jnp.zeros(self.shape, jax.dtypes.canonicalize_dtype(jnp.dtype(self.dtype)))
 
     def _torch_layout(self, value: jax.Array) -> jax.Array:
         if self.axes == tuple(range(len(self.axes))):

@@ -26,7 +26,7 @@ from typing import Any, cast
 from ._errors import PortError
 from .ops import guard
 
-_VALUE = "jaxbn_value"  # node.meta key: the node's value on the example input
+VALUE = "jaxbn_value"  # node.meta key: the node's value on the example input
 _STATIC = "jaxbn_static"  # node.meta key: a Python value computed from sizes alone
 _UNKNOWN = object()
 # Tensor attributes and methods whose result depends on the shape alone.
@@ -153,20 +153,20 @@ def _make_tracer() -> type:
     from torch.fx.proxy import Attribute, TraceError
 
     def value_of(a: Any) -> Any:
-        return a.meta.get(_VALUE, _UNKNOWN) if isinstance(a, torch.fx.Node) else a
+        return a.meta.get(VALUE, _UNKNOWN) if isinstance(a, torch.fx.Node) else a
 
     class ConcreteProxy(torch.fx.Proxy):
         """A proxy whose size-derived value becomes Python where the forward needs one."""
 
         def __getattr__(self, k: str) -> Any:
-            if isinstance(self.node.meta.get(_VALUE), torch.device):
+            if isinstance(self.node.meta.get(VALUE), torch.device):
                 # (x.device.type: a constant, as autocast(device_type=...) needs one)
-                return getattr(self.node.meta[_VALUE], k)
+                return getattr(self.node.meta[VALUE], k)
             return cast(Any, ConcreteAttribute)(self, k)
 
         def __len__(self) -> int:
             tracer = cast(Any, self.tracer)
-            if isinstance(self.node.meta.get(_VALUE), torch.Tensor):
+            if isinstance(self.node.meta.get(VALUE), torch.Tensor):
                 return tracer.static(self.size(0), "int")
             return len(tracer.static(self, "len"))
 
@@ -223,7 +223,7 @@ def _make_tracer() -> type:
 
         def create_node(self, *args: Any, **kwargs: Any) -> Any:
             node = super().create_node(*args, **kwargs)
-            node.meta[_VALUE], node.meta[_STATIC] = self._evaluate(node)
+            node.meta[VALUE], node.meta[_STATIC] = self._evaluate(node)
             return node
 
         def _evaluate(self, node: Any) -> tuple[Any, bool]:
@@ -291,7 +291,7 @@ def _make_tracer() -> type:
         def static(self, proxy: Any, kind: str) -> Any:
             """The size-derived value of ``proxy``, guarded; an error for a tensor's data."""
             node = proxy.node
-            value = node.meta.get(_VALUE, _UNKNOWN)
+            value = node.meta.get(VALUE, _UNKNOWN)
             if value is _UNKNOWN or not node.meta.get(_STATIC, False):
                 raise TraceError(
                     f"{self._where(kind)} needs a Python value computed from tensor data, "
@@ -308,7 +308,7 @@ def _make_tracer() -> type:
             return self.static(obj, "bool")
 
         def iter(self, obj: Any) -> Iterator[Any]:
-            value = obj.node.meta.get(_VALUE, _UNKNOWN)
+            value = obj.node.meta.get(VALUE, _UNKNOWN)
             if isinstance(value, torch.Tensor):
                 count = self.static(obj.size(0), "int")
             else:
