@@ -242,3 +242,28 @@ def test_a_port_error_besides_a_followed_kink_still_fails_and_says_both():
     summary = report.summary()
     assert summary.startswith("first divergence at <output> (output)"), summary
     assert summary.endswith("within float32 rounding of it (act: 1 element)"), summary
+
+
+class CastsToFloat32(torch.nn.Module):
+    """A float32 constant made in forward (RAFT's coordinate grid, from integers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        grid = torch.arange(x.shape[-1]).float()
+        return self.conv(x) * grid + x.float().mean()
+
+
+def test_a_model_that_casts_to_float32_has_a_float64_reference():
+    """In the reference run `.float()` casts to float64: torch refused the float64/float32
+    mix, and a float32 constant would have been no reference."""
+    model = CastsToFloat32()
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    ported = jaxbn.port(model, x)
+    report = compare_models(
+        model, ported.module, ported.variables, x, reference="float64", rtol=2e-6, atol=0.0
+    )
+    assert report.ok, report.table()
+    assert torch.Tensor.float is not torch.Tensor.double  # restored

@@ -24,7 +24,6 @@ import time
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -80,13 +79,7 @@ def _fpn(name: str) -> Callable[[], torch.nn.Module]:
 
 
 class FewUpdates(torch.nn.Module):
-    """RAFT with ``updates`` refinement steps (12 by default; each one more of the same).
-
-    torchvision makes RAFT's coordinate grid float32 (``.float()``), which stops
-    a float64 run of the model; in one, the grid is made float64 here, so that
-    the harness has its float64 reference. (A float32 run, traced or ported, is
-    torchvision's own.)
-    """
+    """RAFT with ``updates`` refinement steps (12 by default; each one more of the same)."""
 
     def __init__(self, updates: int) -> None:
         super().__init__()
@@ -94,12 +87,6 @@ class FewUpdates(torch.nn.Module):
         self.updates = updates
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor) -> Any:
-        if image1.dtype == torch.float64:
-            from torchvision.models.optical_flow import raft
-
-            grid = raft.make_coords_grid
-            with mock.patch.object(raft, "make_coords_grid", lambda *a: grid(*a).double()):
-                return self.raft(image1, image2, num_flow_updates=self.updates)
         return self.raft(image1, image2, num_flow_updates=self.updates)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import flax.linen
@@ -419,7 +420,8 @@ class _TorchRun:
                 cast(Any, module).inplace = False  # (a copy) the input stays, for the gradient
             handles.append(module.register_forward_hook(_other_side(flipped)))
         try:
-            y = self.model(*x_t)
+            with _float_keeps_float64() if dtype == torch.float64 else contextlib.nullcontext():
+                y = self.model(*x_t)
         finally:
             for handle in handles:
                 handle.remove()
@@ -471,6 +473,20 @@ class _TorchRun:
         """The running statistics, each layer read as ``layer_kinds`` says."""
         variables = from_torch(self.model, kinds=layer_kinds)
         return {"batch_stats": variables.get("batch_stats", {})}
+
+
+@contextlib.contextmanager
+def _float_keeps_float64() -> Iterator[None]:
+    """In the float64 reference run, ``x.float()`` is ``x.double()``: a model that casts to
+    float32 on purpose (RAFT's coordinate grid, attention in float32) would otherwise
+    make its reference float32 there, or fail on the mix."""
+    torch = import_torch()
+    original = torch.Tensor.float
+    torch.Tensor.float = torch.Tensor.double  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original  # type: ignore[method-assign]
 
 
 @dataclasses.dataclass(frozen=True)
