@@ -2,9 +2,11 @@
 follows Python control flow on sizes.
 
 Plain ``torch.fx`` cannot trace ``if h % 7:`` or ``for i in range(n)`` where ``h`` and
-``n`` come from a tensor's shape. Here every node also carries its value on the example
-input (the module runs once alongside the trace, under ``no_grad``, its buffers and
-torch's RNG restored afterwards). Where the forward turns a size into a Python
+``n`` come from a tensor's shape. Here a node can tell its value on the example input:
+when a forward first needs a Python value, the nodes traced so far are run on the
+example (under ``no_grad``; the module's attributes, buffers and torch's RNG are
+restored afterwards), and from then on each new node as it is needed. Where the
+forward turns a size into a Python
 bool, int or length, the trace takes the example's branch and records a
 :func:`~jaxbn.port.ops.guard`: the ported module then checks, when it is traced
 at other shapes, that the size takes the same branch, and raises a
@@ -32,6 +34,7 @@ _UNKNOWN = object()
 # Tensor attributes and methods whose result depends on the shape alone.
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+_DEVICE_ATTRIBUTES = frozenset({"type", "index"})
 
 
 def trace(
@@ -159,14 +162,16 @@ def _make_tracer() -> type:
         """A proxy whose size-derived value becomes Python where the forward needs one."""
 
         def __getattr__(self, k: str) -> Any:
-            if isinstance(self.node.meta.get(VALUE), torch.device):
-                # (x.device.type: a constant, as autocast(device_type=...) needs one)
-                return getattr(self.node.meta[VALUE], k)
+            if k in _DEVICE_ATTRIBUTES:
+                value = cast(Any, self.tracer).value(self.node)
+                if isinstance(value, torch.device):
+                    # (x.device.type: a constant, as autocast(device_type=...) needs one)
+                    return getattr(value, k)
             return cast(Any, ConcreteAttribute)(self, k)
 
         def __len__(self) -> int:
             tracer = cast(Any, self.tracer)
-            if isinstance(self.node.meta.get(VALUE), torch.Tensor):
+            if isinstance(tracer.value(self.node), torch.Tensor):
                 return tracer.static(self.size(0), "int")
             return len(tracer.static(self, "len"))
 
@@ -223,8 +228,19 @@ def _make_tracer() -> type:
 
         def create_node(self, *args: Any, **kwargs: Any) -> Any:
             node = super().create_node(*args, **kwargs)
-            node.meta[VALUE], node.meta[_STATIC] = self._evaluate(node)
+            if node.op in ("placeholder", "get_attr"):  # (cheap: no computation)
+                node.meta[VALUE], node.meta[_STATIC] = self._evaluate(node)
             return node
+
+        def value(self, node: Any) -> Any:
+            """The node's value on the example input. Computed only when a forward first
+            needs a Python value (most models never do, and are traced as fast as by FX),
+            then for every node so far, in order."""
+            if VALUE not in node.meta:
+                for earlier in self.graph.nodes:
+                    if VALUE not in earlier.meta:
+                        earlier.meta[VALUE], earlier.meta[_STATIC] = self._evaluate(earlier)
+            return node.meta.get(VALUE, _UNKNOWN)
 
         def _evaluate(self, node: Any) -> tuple[Any, bool]:
             """The node's value on the example input, and whether it is a Python value
@@ -291,7 +307,7 @@ def _make_tracer() -> type:
         def static(self, proxy: Any, kind: str) -> Any:
             """The size-derived value of ``proxy``, guarded; an error for a tensor's data."""
             node = proxy.node
-            value = node.meta.get(VALUE, _UNKNOWN)
+            value = self.value(node)
             if value is _UNKNOWN or not node.meta.get(_STATIC, False):
                 raise TraceError(
                     f"{self._where(kind)} needs a Python value computed from tensor data, "
@@ -308,7 +324,7 @@ def _make_tracer() -> type:
             return self.static(obj, "bool")
 
         def iter(self, obj: Any) -> Iterator[Any]:
-            value = obj.node.meta.get(VALUE, _UNKNOWN)
+            value = self.value(obj.node)
             if isinstance(value, torch.Tensor):
                 count = self.static(obj.size(0), "int")
             else:
