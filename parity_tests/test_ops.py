@@ -109,10 +109,17 @@ def case(model: Any, *inputs: Any, **options: Any) -> Case:
 
 
 X = (2, 3, 5, 6)
+WITH_ZEROS = np.array([[0.0, 1.5, -2.0, 0.0], [-0.0, 3.0, 0.0, -1.0]], np.float32)
 
 
 def _weight(*shape: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(7).standard_normal(shape).astype(np.float32))
+
+
+def sampled(fn: Callable[..., Any]) -> Case:
+    """A grid_sample case: (2, 3, 5, 6) input, (2, 4, 3, 2) grid; torch has no
+    forward-mode derivative of grid_sample."""
+    return case(fn, X, (2, 4, 3, 2), forward_mode=False)
 
 
 def _positive(x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +154,12 @@ CASES: dict[str, list[Case]] = {
     "quick_gelu": [case(timm_act.QuickGELU())],
     "leaky_relu": [case(lambda x: F.leaky_relu(x, 0.2)), case(nn.LeakyReLU(0.3))],
     "elu": [case(nn.ELU(0.5)), case(F.elu)],
-    "softplus": [case(nn.Softplus(beta=2.0, threshold=1.0)), case(F.softplus)],
-    "mish": [case(F.mish), case(timm_act.Mish())],
+    "softplus": [
+        case(nn.Softplus(beta=2.0, threshold=1.0)),
+        case(F.softplus),
+        case(Scaled(nn.Softplus(), 100.0)),  # exp overflows past 88: no NaN gradient
+    ],
+    "mish": [case(F.mish), case(timm_act.Mish()), case(Scaled(nn.Mish(), 100.0))],
     "hard_mish": [case(Scaled(timm_act.HardMish(), 2.0))],
     "softsign": [case(nn.Softsign()), case(F.softsign)],
     "prelu": [
@@ -160,6 +171,8 @@ CASES: dict[str, list[Case]] = {
         case(lambda x: F.softmax(x, dim=1)),
         case(nn.Softmax(dim=-1)),
         case(lambda x: x.softmax(2)),
+        # torch.softmax and the method take dtype third (F.softmax, _stacklevel)
+        case(lambda x: torch.softmax(x.to(torch.float16), 1, torch.float32)),
     ],
     "log_softmax": [
         case(lambda x: F.log_softmax(x, 1)),
@@ -326,10 +339,14 @@ CASES: dict[str, list[Case]] = {
         case(nn.InstanceNorm2d(3)),
         case(nn.InstanceNorm1d(3, affine=True), (2, 3, 7)),
         case(lambda x: F.instance_norm(x, eps=1e-3)),
+        # one unbatched sample: the module gives it a batch axis
+        case(nn.InstanceNorm2d(3, affine=True), (3, 5, 6)),
+        case(nn.InstanceNorm1d(3, affine=True), (3, 7)),
     ],
     "normalize": [
         case(lambda x: F.normalize(x, dim=1)),
         case(lambda x: F.normalize(x, p=1.0, dim=-1)),
+        case(lambda x: F.normalize(x, p=1.0, dim=-1), WITH_ZEROS),
         case(lambda x: F.normalize(x, p=math.inf, dim=2)),
         # a zero vector: torch's gradient is 0, not NaN
         case(lambda x: F.normalize(x * (x.abs() > 0.5).float(), dim=0), (1, 3, 2)),
@@ -377,7 +394,8 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     # --- tensors ---
-    "identity": [case(nn.Identity()), case(lambda x: x.clone() + x.contiguous() + torch.clone(x))],
+    "identity": [case(nn.Identity()), case(lambda x: x.contiguous() * 2)],
+    "clone": [case(lambda x: x.clone() * torch.clone(x))],
     "detach": [case(lambda x: x.detach() * x)],
     "flatten": [
         case(lambda x: torch.flatten(x, 1)),
@@ -426,7 +444,10 @@ CASES: dict[str, list[Case]] = {
     "rsqrt": [case(lambda x: _positive(x).rsqrt())],
     "exp": [case(torch.exp)],
     "log": [case(lambda x: torch.log(_positive(x)))],
-    "abs": [case(lambda x: torch.abs(x) + x.abs())],
+    "abs": [
+        case(lambda x: torch.abs(x) + x.abs()),
+        case(torch.abs, WITH_ZEROS),  # torch's gradient at 0 is 0
+    ],
     "clamp": [
         case(lambda x: torch.clamp(x, -0.5, 0.5)),
         case(lambda x: x.clamp(min=0.1)),
@@ -481,38 +502,16 @@ CASES: dict[str, list[Case]] = {
         ),
         case(nn.UpsamplingNearest2d(scale_factor=3), forward_mode=False),
     ],
-    # (torch has no forward-mode derivative of grid_sample)
     "grid_sample": [
-        case(
-            lambda x, g: F.grid_sample(x, g, align_corners=True),
-            X,
-            (2, 4, 3, 2),
-            forward_mode=False,
+        sampled(lambda x, g: F.grid_sample(x, g, align_corners=True)),
+        sampled(lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="border", align_corners=False)),
+        sampled(
+            lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="reflection", align_corners=True)
         ),
-        case(
-            lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="border", align_corners=False),
-            X,
-            (2, 4, 3, 2),
-            forward_mode=False,
+        sampled(
+            lambda x, g: F.grid_sample(x, g * 2.5, padding_mode="reflection", align_corners=False)
         ),
-        case(
-            lambda x, g: F.grid_sample(x, g * 1.3, padding_mode="reflection", align_corners=True),
-            X,
-            (2, 4, 3, 2),
-            forward_mode=False,
-        ),
-        case(
-            lambda x, g: F.grid_sample(x, g * 2.5, padding_mode="reflection", align_corners=False),
-            X,
-            (2, 4, 3, 2),
-            forward_mode=False,
-        ),
-        case(
-            lambda x, g: F.grid_sample(x, g, mode="nearest", align_corners=False),
-            X,
-            (2, 4, 3, 2),
-            forward_mode=False,
-        ),
+        sampled(lambda x, g: F.grid_sample(x, g, mode="nearest", align_corners=False)),
     ],
     # --- Python operators and shapes ---
     "add": [case(lambda x: x + 1 + torch.add(x, x, alpha=2)), case(lambda x: (x * 1).add_(x))],
@@ -560,6 +559,8 @@ CASES: dict[str, list[Case]] = {
         case(lambda x: x * 2 if x.shape[2] % 2 else x),
         case(lambda x: sum(x[i] for i in range(x.shape[0]))),
         case(lambda x: torch.stack([t * 2 for t in x])),
+        case(lambda x: x[..., : int(x.shape[2] * 0.5)]),  # int() of 2.5: 2
+        case(lambda x: (lambda a, b: a - b)(*x.chunk(2))),  # unpacking: its length guarded
     ],
     "assert_": [case(lambda x: (torch._assert(x.shape[1] == 3, "three channels"), x * 2)[1])],
 }

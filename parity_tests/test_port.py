@@ -21,6 +21,7 @@ import torchvision
 from torchvision.ops import stochastic_depth
 
 import jaxbn
+from jaxbn._torch import to_numpy
 from jaxbn.convert import load_variables
 from jaxbn.port import PortError, TrainAware, without_dropout
 
@@ -741,3 +742,92 @@ def test_porting_leaves_the_torch_module_as_it_was():
     desired, actual, _ = run_both(model, X, train=True)
     assert_close(actual, desired, what="after the port")
     assert ported.ops
+
+
+class Pair(torch.nn.Module):
+    def forward(self, x):
+        first, second = x  # unpacking: as many as the first axis holds
+        return first - second
+
+
+def test_unpacking_is_guarded_as_python_unpacks():
+    """torch raises 'too many values to unpack' at a batch of 3: the port refuses it too."""
+    ported = jaxbn.port(Pair(), torch.from_numpy(X[:2]))
+    assert_close(ported.module.apply({}, X[:2]), Pair()(torch.from_numpy(X[:2])), what="pair")
+    with pytest.raises(PortError, match=r"`first, second = x .*` .* was 2 when the model was"):
+        ported.module.apply({}, np.concatenate([X, X[:1]]))
+
+
+class WritesThroughAView(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1
+        y[:, :2].mul_(0)  # in torch, y's first two channels are now 0
+        return y
+
+
+class InPlaceOnAViewAlone(torch.nn.Module):
+    def forward(self, x):
+        y = (x * 1).flatten(2).transpose(1, 2)
+        y += 1  # the view alone is used after: nothing else sees the change
+        return y
+
+
+def test_an_in_place_op_through_a_view_is_refused_when_another_view_reads_it():
+    """A port has no shared memory: torch's write through `y[:, :2]` would be lost."""
+    with pytest.raises(PortError, match=r"reads 'mul', which node 'mul_' .* changed in place"):
+        jaxbn.port(WritesThroughAView(), torch.from_numpy(X))
+    desired, actual, _ = run_both(InPlaceOnAViewAlone(), X)
+    assert_close(actual, desired, what="in place on a view used alone")
+
+
+class DoublesItsInput(torch.nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x * 3 if x.shape[1] > 1 else x  # a branch: the trace runs the forward
+
+
+def test_the_example_input_and_the_modules_hooks_are_left_alone():
+    model = DoublesItsInput()
+    seen = []
+    handle = model.register_forward_hook(lambda *_: seen.append(1))
+    x = torch.ones(2, 3, 4)
+    ported = jaxbn.port(model, x)
+    assert torch.equal(x, torch.ones(2, 3, 4))  # the forward's mul_ ran on a copy
+    handle.remove()
+    model(torch.ones(2, 3, 4))
+    assert seen == []  # the hook removed itself from the module's own dict
+    np.testing.assert_array_equal(ported.module.apply({}, np.ones((2, 3, 4), np.float32)), 6.0)
+
+
+class BadWidth(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.shape[-1] > 2 else y
+
+
+def test_an_example_that_does_not_run_says_why_where_a_value_is_needed():
+    with pytest.raises(PortError, match=r"the example input does not run through .* mat1 and mat2"):
+        jaxbn.port(BadWidth(), torch.zeros(2, 5))
+
+
+class Resizes(torch.nn.Module):
+    def forward(self, x, mode: str = "nearest", size: tuple[int, int] = (4, 4)):
+        return F.interpolate(x, size=size, mode=mode)
+
+
+def test_python_values_and_bfloat16_as_example_inputs():
+    ported = jaxbn.port(Resizes(), {"x": X, "mode": "bilinear", "size": (7, 5)})
+    with torch.no_grad():
+        desired = Resizes()(torch.from_numpy(X), "bilinear", (7, 5))
+    assert_close(ported.module.apply({}, X, "bilinear", (7, 5)), desired, what="keywords")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).bfloat16()
+    x = torch.from_numpy(X).bfloat16()
+    ported = jaxbn.port(model, x)
+    y = ported.module.apply(ported.variables, to_numpy(x), train=False)
+    with torch.no_grad():
+        desired = model.eval()(x).float()
+    assert_close(np.asarray(y, np.float32), desired, what="bfloat16", rtol=2e-2, atol=2e-2)

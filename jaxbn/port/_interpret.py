@@ -17,14 +17,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
+from .._torch import to_numpy
 from ..convert import inspect as plan
 from ..convert._layouts import LAYOUTS
 from ._layers import Layer, Variable, WithVariables, op, plain_call
 from ._module import REQUIRED, Node, Program, Ref
 from ._trace import VALUE
-from .ops._registry import AsLayer, Call, Unsupported, resolve
+from .ops._registry import AsLayer, Call, Unsupported, resolve, with_batch_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,10 @@ class _Draft:
     nodes: list[Node] = dataclasses.field(default_factory=list)
     output: Any = None
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> torch path
+    # In torch a view shares its tensor's memory: node -> the node whose memory it views,
+    # and the nodes an in-place op changed through another view (node -> that op).
+    views: dict[str, str] = dataclasses.field(default_factory=dict)
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -114,6 +118,7 @@ class Interpreter:
 
     def output(self, node: Any, draft: _Draft) -> None:
         draft.output = _refs(node.args[0])
+        self._check_reads(node, draft.output, draft)
 
     def get_attr(self, node: Any, draft: _Draft) -> None:
         """A parameter or persistent buffer read outside a layer is a variable where the
@@ -126,8 +131,7 @@ class Interpreter:
         )
         if not persistent:
             # (the value as traced: FX's own tensor constants are gone from the module)
-            value = node.meta[VALUE] if VALUE in node.meta else getattr(owner, name)
-            array = np.asarray(value.detach().cpu().numpy())
+            array = to_numpy(node.meta[VALUE]).copy()
             draft.nodes.append(Node(node.name, "constant", array))
             return
         found = self._variable(node.target, name)
@@ -147,7 +151,11 @@ class Interpreter:
             return
         alias = _first_ref(node.args) if getattr(m, "inplace", False) is True else None
         args, kwargs = _refs(node.args), tuple(_refs(dict(node.kwargs)).items())
-        draft.nodes.append(Node(node.name, "layer", node.target, args, kwargs, alias=alias))
+        base, _ = registered_base(type(m), resolve().modules)
+        view = base is not None and resolve().modules[base][0].entry in _VIEWS
+        self._emit(
+            node, Node(node.name, "layer", node.target, args, kwargs, alias=alias), draft, view
+        )
 
     def call_function(self, node: Any, draft: _Draft) -> None:
         call = self.function(node.target)
@@ -169,6 +177,31 @@ class Interpreter:
             )
             return
         self._call(node, call, draft, in_place=False)
+
+    # --- memory torch shares, and a port does not --------------------------------
+
+    def _emit(self, node: Any, compiled: Node, draft: _Draft, view: bool) -> None:
+        """Add ``compiled``. In torch an in-place op changes every view of its tensor; a
+        port has no shared memory, so reading another view afterwards is a problem."""
+        self._check_reads(node, (compiled.args, compiled.kwargs), draft)
+        draft.nodes.append(compiled)
+        first = _first_ref(compiled.args)
+        if view and first is not None:
+            draft.views[compiled.name] = draft.views.get(first, first)
+        if compiled.alias is not None:
+            root = draft.views.get(compiled.alias, compiled.alias)
+            for name in (root, *(n for n, r in draft.views.items() if r == root)):
+                if name != compiled.alias:
+                    draft.stale[name] = f"node {node.name!r} ({node.format_node()})"
+
+    def _check_reads(self, node: Any, value: Any, draft: _Draft) -> None:
+        for name in _ref_names(value):
+            if name in draft.stale:
+                self.problems.append(
+                    f"{_where(node)}: reads {name!r}, which {draft.stale[name]} changed in "
+                    "place through another view of the same memory; a port has no shared "
+                    "memory: make that op out of place"
+                )
 
     # --- lookups --------------------------------------------------------------
 
@@ -248,8 +281,11 @@ class Interpreter:
         keywords = rule.keywords(m)
         if call.check is not None:
             call.check(**keywords)
+        fn = call.fn
+        if rule.unbatched is not None:
+            fn = functools.partial(with_batch_axis, fn, rule.unbatched)
         if not rule.tensors:
-            return op(functools.partial(call.fn, **keywords), call.train_aware)
+            return op(functools.partial(fn, **keywords), call.train_aware)
         variables = []
         for tensor in rule.tensors:
             if getattr(m, tensor, None) is None:
@@ -262,7 +298,7 @@ class Interpreter:
                 )
             variables.append(found[1])
         return Layer(
-            functools.partial(WithVariables, call.fn, tuple(keywords.items()), tuple(variables)),
+            functools.partial(WithVariables, fn, tuple(keywords.items()), tuple(variables)),
             plain_call,
         )
 
@@ -333,7 +369,11 @@ class Interpreter:
             except Unsupported as error:
                 self.problems.append(f"{_where(node)}: {error}")
                 return
+            except TypeError as error:  # arguments its port does not take
+                self.problems.append(f"{_where(node)}: {call.entry or 'the converter'}: {error}")
+                return
         alias = _first_ref(args) if in_place or call.in_place else None
+        view = call.entry in _VIEWS
         if alias is not None and alias in draft.attributes:
             self.problems.append(
                 f"{_where(node)}: updates the module's tensor {draft.attributes[alias]} in "
@@ -343,9 +383,32 @@ class Interpreter:
             return
         # `inplace=` has no meaning in JAX; the alias carries its effect.
         kwargs.pop("inplace", None)
-        draft.nodes.append(
-            Node(node.name, "call", call.fn, args, tuple(kwargs.items()), call.train_aware, alias)
+        compiled = Node(
+            node.name, "call", call.fn, args, tuple(kwargs.items()), call.train_aware, alias
         )
+        self._emit(node, compiled, draft, view)
+
+
+# Ops whose result is, in torch, a view of their first argument's memory (or the
+# tensor itself): an in-place op through one changes the others.
+_VIEWS = frozenset({
+    "getitem", "getattr", "reshape", "reshape_as", "transpose", "permute", "expand",
+    "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "split", "chunk", "unbind",
+    "detach", "unfold_dim", "identity",
+})  # fmt: skip
+
+
+def _ref_names(value: Any) -> list[str]:
+    """The names of the nodes ``value`` (arguments, an output) refers to."""
+    if isinstance(value, Ref):
+        return [value.name]
+    if isinstance(value, (tuple, list)):
+        return [name for item in value for name in _ref_names(item)]
+    if isinstance(value, dict):
+        return [name for item in value.values() for name in _ref_names(item)]
+    if isinstance(value, slice):
+        return _ref_names((value.start, value.stop, value.step))
+    return []
 
 
 def _where(node: Any) -> str:

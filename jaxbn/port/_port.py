@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._torch import import_torch, to_numpy
+from .._torch import import_torch, to_numpy, to_tensor
 from ..convert import LayoutWarning, from_torch
 from ._errors import PortError
 from ._interpret import Interpreter
@@ -125,7 +125,8 @@ def port(
     autowrap = {
         k
         for k in [*resolve().functions, *converters]
-        if isinstance(k, types.FunctionType) and k.__module__.split(".")[0] != "torch"
+        if isinstance(k, types.FunctionType)
+        and k.__module__.split(".")[0] not in ("torch", "jaxbn")
     }
     args, kwargs = _as_inputs(example_input)
     graphs = trace(module, is_leaf, autowrap, _as_torch(args), _as_torch(kwargs))
@@ -145,7 +146,9 @@ def port(
         eval_program=eval_program,
         train_program=train_program,
         layers=tuple(interpreter.layers.items()),
-        example=tuple((np.shape(x), np.result_type(x).name) for x in [*args, *kwargs.values()]),
+        example=tuple(
+            (x.shape, x.dtype.name) for x in [*args, *kwargs.values()] if isinstance(x, np.ndarray)
+        ),
     )
     variables = _variables(flax_module, module, args, kwargs)
     frozen = tuple(
@@ -159,8 +162,12 @@ def _as_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
     def value(x: Any) -> Any:
         if hasattr(x, "detach"):
-            return np.asarray(to_numpy(x))
-        return x if isinstance(x, (bool, int, float, str, type(None))) else np.asarray(x)
+            return to_numpy(x)
+        if isinstance(x, (bool, int, float, str, type(None))):
+            return x
+        if isinstance(x, (tuple, list)) and all(isinstance(v, (int, float)) for v in x):
+            return x  # (a size, as output_size=(7, 7))
+        return np.asarray(x)
 
     if isinstance(example_input, Mapping):
         return (), {str(k): value(v) for k, v in example_input.items()}
@@ -169,8 +176,8 @@ def _as_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _as_torch(values: Any) -> Any:
-    torch = import_torch()
-    convert = lambda x: torch.from_numpy(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    """Arrays as torch tensors (bfloat16 kept), other values as they are."""
+    convert = lambda x: to_tensor(x) if isinstance(x, np.ndarray) else x  # noqa: E731
     if isinstance(values, dict):
         return {k: convert(v) for k, v in values.items()}
     return [convert(v) for v in values]

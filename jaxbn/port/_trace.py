@@ -30,6 +30,7 @@ from .ops import guard
 
 VALUE = "jaxbn_value"  # node.meta key: the node's value on the example input
 _STATIC = "jaxbn_static"  # node.meta key: a Python value computed from sizes alone
+_ERROR = "jaxbn_error"  # node.meta key: why running the node on the example failed
 _UNKNOWN = object()
 # Tensor attributes and methods whose result depends on the shape alone.
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
@@ -81,13 +82,13 @@ def _restored(module: Any) -> Iterator[None]:
     a cache dict a forward fills in place), its buffers' values and torch's RNG state."""
     import torch
 
+    # (each container kept as the same object, its contents put back in place: a hook's
+    # handle, for one, holds on to the dict it removes itself from)
     attributes = [
         (
             m,
-            {
-                k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
-                for k, v in vars(m).items()
-            },
+            dict(vars(m)),
+            [(v, copy.copy(v)) for v in vars(m).values() if isinstance(v, (dict, list, set))],
         )
         for m in module.modules()
     ]
@@ -96,7 +97,10 @@ def _restored(module: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, saved in attributes:
+        for m, saved, containers in attributes:
+            for container, contents in containers:
+                container.clear()
+                cast(Any, container).update(contents)
             vars(m).clear()
             vars(m).update(saved)
         with torch.no_grad():
@@ -180,6 +184,13 @@ def _make_tracer() -> type:
 
         def __int__(self) -> int:
             return cast(Any, self.tracer).static(self, "int")
+
+        def __iter__(self) -> Iterator[Any]:
+            # (FX unpacks `a, b = x` without asking the tracer, so without a guard: a
+            # tuple of another length, or a tensor of another first size, passed)
+            if cast(Any, self.tracer).value(self.node) is _UNKNOWN:
+                return super().__iter__()
+            return cast(Any, self.tracer).iter(self)
 
     class ConcreteAttribute(Attribute, ConcreteProxy):
         """``x.shape`` and friends (a node made when first used, as FX's)."""
@@ -278,7 +289,8 @@ def _make_tracer() -> type:
                     value = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:
                     value = self.root.get_submodule(node.target)(*args, **kwargs)
-            except Exception:  # the example does not run here: forcing it fails as in FX
+            except Exception as error:  # forcing this node says why it has no value
+                node.meta[_ERROR] = f"{type(error).__name__}: {error}"
                 return _UNKNOWN, False
             finally:
                 self._evaluating = False
@@ -308,7 +320,15 @@ def _make_tracer() -> type:
             """The size-derived value of ``proxy``, guarded; an error for a tensor's data."""
             node = proxy.node
             value = self.value(node)
-            if value is _UNKNOWN or not node.meta.get(_STATIC, False):
+            failed = next((a.meta[_ERROR] for a in self.graph.nodes if _ERROR in a.meta), None)
+            if value is _UNKNOWN and failed is not None:
+                raise TraceError(
+                    f"{self._where(kind)} needs a Python value, and the example input does "
+                    f"not run through the forward before it: {failed}"
+                )
+            # (the length of a tuple is sizes alone, whatever it holds: chunk's pieces)
+            sized = kind == "len" and isinstance(value, (tuple, list))
+            if value is _UNKNOWN or not (node.meta.get(_STATIC, False) or sized):
                 raise TraceError(
                     f"{self._where(kind)} needs a Python value computed from tensor data, "
                     "not from sizes alone: a compiled program cannot branch on it"

@@ -97,6 +97,7 @@ from ._tensors import chunk as chunk
 from ._tensors import clamp as clamp
 from ._tensors import clamp_max as clamp_max
 from ._tensors import clamp_min as clamp_min
+from ._tensors import clone as clone
 from ._tensors import cos as cos
 from ._tensors import detach as detach
 from ._tensors import dim as dim
@@ -160,6 +161,7 @@ __all__ = [
     "clamp",
     "clamp_max",
     "clamp_min",
+    "clone",
     "conv1d",
     "conv2d",
     "conv2d_same",

@@ -149,7 +149,9 @@ def elu(input: Array, alpha: float = 1.0, inplace: bool = False) -> Array:
 )
 def softplus(input: Array, beta: float = 1.0, threshold: float = 20.0) -> Array:
     scaled = input * beta
-    return jnp.where(scaled > threshold, input, jnp.log1p(jnp.exp(scaled)) / beta)
+    linear = scaled > threshold
+    # (the untaken branch masked too: exp overflows past 88, and its 0 * inf gradient is NaN)
+    return jnp.where(linear, input, jnp.log1p(jnp.exp(jnp.where(linear, 0, scaled))) / beta)
 
 
 @register(
@@ -191,7 +193,9 @@ def prelu(input: Array, weight: Array) -> Array:
     "Tensor.softmax",
     modules={"torch.nn.Softmax": attributes("dim")},
 )
-def softmax(input: Array, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Array:
+def softmax(input: Array, dim: int | None = None, _stacklevel: Any = 3, dtype: Any = None) -> Array:
+    """``F.softmax``; ``torch.softmax`` and ``Tensor.softmax`` take ``dtype`` third."""
+    dtype = _stacklevel if dtype is None and not isinstance(_stacklevel, int) else dtype
     x = input if dtype is None else input.astype(dtype)
     return jax.nn.softmax(x, axis=_implicit_dim(x) if dim is None else dim)
 
@@ -203,8 +207,10 @@ def softmax(input: Array, dim: int | None = None, _stacklevel: int = 3, dtype: A
     modules={"torch.nn.LogSoftmax": attributes("dim")},
 )
 def log_softmax(
-    input: Array, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None
+    input: Array, dim: int | None = None, _stacklevel: Any = 3, dtype: Any = None
 ) -> Array:
+    """``F.log_softmax``; ``torch.log_softmax`` and the method take ``dtype`` third."""
+    dtype = _stacklevel if dtype is None and not isinstance(_stacklevel, int) else dtype
     x = input if dtype is None else input.astype(dtype)
     return jax.nn.log_softmax(x, axis=_implicit_dim(x) if dim is None else dim)
 

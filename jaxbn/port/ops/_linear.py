@@ -21,16 +21,9 @@ from jax.typing import DTypeLike
 
 from .._layers import Layer, dtype_of, plain_call
 from ._padding import MODES, pad_same
-from ._registry import AsLayer, register
+from ._registry import AsLayer, per_axis, register
 
 Array = jax.Array
-
-
-def _tuple(value: Any, d: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * d
-    value = tuple(value)
-    return value * d if len(value) == 1 else value
 
 
 def _padding(
@@ -42,7 +35,7 @@ def _padding(
         return tuple((t // 2, t - t // 2) for t in total)
     if padding == "valid":
         return ((0, 0),) * len(kernel)
-    return tuple((p, p) for p in _tuple(padding, len(kernel)))
+    return tuple((p, p) for p in per_axis(padding, len(kernel)))
 
 
 def _convolve(
@@ -62,9 +55,9 @@ def _convolve(
     y = lax.conv_general_dilated(
         input,
         weight,
-        window_strides=_tuple(stride, d),
+        window_strides=per_axis(stride, d),
         padding=padding,
-        rhs_dilation=_tuple(dilation, d),
+        rhs_dilation=per_axis(dilation, d),
         feature_group_count=groups,
         dimension_numbers=(f"NC{spatial}", f"OI{spatial}", f"NC{spatial}"),
     )
@@ -92,7 +85,7 @@ def _transposed_convolve(
             input[None], weight, bias, stride, padding, output_padding, groups, dilation
         )[0]
     k = weight.shape[2:]
-    s, p, op, dil = (_tuple(v, d) for v in (stride, padding, output_padding, dilation))
+    s, p, op, dil = (per_axis(v, d) for v in (stride, padding, output_padding, dilation))
     ins, outs = weight.shape[0], weight.shape[1] * groups
     # (in, out/g, *k) -> (out, in/g, *k), each group's block transposed, the window flipped
     w = weight.reshape(groups, ins // groups, outs // groups, *k).swapaxes(1, 2)
@@ -209,7 +202,7 @@ def _conv(
 ) -> Array:
     """``F.conv{1,2,3}d``: zero padding, an int, a tuple, 'same' or 'valid'."""
     d = weight.ndim - 2
-    pairs = _padding(padding, weight.shape[2:], _tuple(dilation, d))
+    pairs = _padding(padding, weight.shape[2:], per_axis(dilation, d))
     return _convolve(input, weight, bias, stride, pairs, dilation, groups)
 
 

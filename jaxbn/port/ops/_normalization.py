@@ -19,15 +19,10 @@ import jax.numpy as jnp
 
 from ... import _functional, _linen
 from ..._frozen import FrozenBatchNorm2d
-from .._layers import Composite, Layer, batch_norm_call, plain_call, train_call
+from .._layers import Composite, Layer, batch_norm_call, dtype_of, plain_call, train_call
 from ._registry import AsLayer, FromModule, Unsupported, attributes, register, with_variables
 
 Array = jax.Array
-
-
-def dtype_of(tensor: Any) -> Any:
-    """A torch tensor's dtype as jax's."""
-    return jnp.dtype(str(tensor.dtype).removeprefix("torch."))
 
 
 def batch_norm_layer(m: Any, child: Callable[[str], Layer], layer: str | None = None) -> Layer:
@@ -115,12 +110,29 @@ def batch_norm(
     return y
 
 
+def _accumulated(x: Array) -> Array:
+    """``x`` in the type torch computes a norm in: float32 for half and bfloat16."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _normalized(x: Array, axes: tuple[int, ...], eps: float) -> Array:
-    """``(x - mean) / sqrt(biased var + eps)`` over ``axes``."""
+    """``(x - mean) / sqrt(biased var + eps)`` over ``axes``, in float32 at least."""
+    x = _accumulated(x)
     mean = jnp.mean(x, axes, keepdims=True)
     centred = x - mean
     var = jnp.mean(jnp.square(centred), axes, keepdims=True)
     return centred * jax.lax.rsqrt(var + jnp.asarray(eps, x.dtype))
+
+
+def _scaled(
+    y: Array, weight: Array | None, bias: Array | None, shape: Callable[[Array], Array], like: Array
+) -> Array:
+    """``y * weight + bias`` (each broadcast by ``shape``) in ``y``'s type, as ``like``'s."""
+    if weight is not None:
+        y = y * shape(weight).astype(y.dtype)
+    if bias is not None:
+        y = y + shape(bias).astype(y.dtype)
+    return y.astype(like.dtype)
 
 
 @register(
@@ -149,11 +161,7 @@ def layer_norm(
             f"input of shape {tuple(input.shape)}"
         )
     y = _normalized(input, tuple(range(input.ndim - len(shape), input.ndim)), eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    return _scaled(y, weight, bias, lambda v: v, input)
 
 
 @register(
@@ -167,14 +175,16 @@ def rms_norm(
     weight: Array | None = None,
     eps: float | None = None,
 ) -> Array:
-    """``x / sqrt(mean(x^2) + eps) * weight``; eps None is the dtype's machine epsilon."""
+    """``x / sqrt(mean(x^2) + eps) * weight``; eps None is the machine epsilon of the type
+    torch computes in (float32's for half and bfloat16)."""
     shape = (
         tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
     )
     axes = tuple(range(input.ndim - len(shape), input.ndim))
-    eps = float(jnp.finfo(input.dtype).eps) if eps is None else eps
-    y = input * jax.lax.rsqrt(jnp.mean(jnp.square(input), axes, keepdims=True) + eps)
-    return y if weight is None else y * weight
+    x = _accumulated(input)
+    eps = float(jnp.finfo(x.dtype).eps) if eps is None else eps
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + eps)
+    return _scaled(y, weight, None, lambda v: v, input)
 
 
 def _per_channel(value: Array, ndim: int) -> Array:
@@ -203,11 +213,7 @@ def group_norm(
         )
     grouped = input.reshape(n, num_groups, -1)
     y = _normalized(grouped, (2,), eps).reshape(input.shape)
-    if weight is not None:
-        y = y * _per_channel(weight, input.ndim)
-    if bias is not None:
-        y = y + _per_channel(bias, input.ndim)
-    return y
+    return _scaled(y, weight, bias, lambda v: _per_channel(v, input.ndim), input)
 
 
 _NO_RUNNING_STATS = "instance norm with running statistics (track_running_stats=True) has no port"
@@ -226,10 +232,9 @@ def _instance_norm_module(m: Any) -> dict[str, Any]:
 
 @register(
     "torch.nn.functional.instance_norm",
-    "torch.instance_norm",
     modules={
         f"torch.nn.InstanceNorm{d}d": with_variables(
-            FromModule(_instance_norm_module), "weight", "bias"
+            FromModule(_instance_norm_module, unbatched=d + 1), "weight", "bias"
         )
         for d in (1, 2, 3)
     },
@@ -247,11 +252,7 @@ def instance_norm(
 ) -> Array:
     """Normalise each channel of each sample over its spatial axes (no running statistics)."""
     y = _normalized(input, tuple(range(2, input.ndim)), eps)
-    if weight is not None:
-        y = y * _per_channel(weight, input.ndim)
-    if bias is not None:
-        y = y + _per_channel(bias, input.ndim)
-    return y
+    return _scaled(y, weight, bias, lambda v: _per_channel(v, input.ndim), input)
 
 
 @register("torch.nn.functional.normalize")
@@ -259,7 +260,7 @@ def normalize(
     input: Array, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Any = None
 ) -> Array:
     """``input / max(||input||_p, eps)`` along ``dim``; the gradient at a zero vector is 0."""
-    magnitude = jnp.abs(input)
+    magnitude = input * jnp.sign(input)  # (|x| with torch's gradient at 0: 0)
     if math.isinf(p):
         norm = jnp.max(magnitude, axis=dim, keepdims=True)
     else:

@@ -16,19 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._registry import Unsupported, attributes, register
+from ._registry import Unsupported, attributes, per_axis, register
 
 Array = jax.Array
 
 _MAX = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _AVG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-
-
-def _tuple(value: Any, d: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * d
-    value = tuple(value)
-    return value * d if len(value) == 1 else value
 
 
 def _no_indices(return_indices: Any = False, **_: Any) -> None:
@@ -79,9 +72,9 @@ def _max_pool(
 ) -> Array:
     if return_indices:
         raise NotImplementedError("max pooling with return_indices=True is not supported")
-    k = _tuple(kernel_size, d)
-    s = _tuple(stride if stride not in (None, []) else kernel_size, d)
-    p, dil = _tuple(padding, d), _tuple(dilation, d)
+    k = per_axis(kernel_size, d)
+    s = per_axis(stride if stride not in (None, []) else kernel_size, d)
+    p, dil = per_axis(padding, d), per_axis(dilation, d)
     size = input.shape[-d:]
     geometry = [_window_geometry(*g, ceil_mode) for g in zip(size, k, s, p, dil, strict=True)]
     floating = jnp.issubdtype(input.dtype, jnp.floating)
@@ -110,8 +103,6 @@ def _max_pool(
 
 @register(
     "torch.nn.functional.max_pool1d",
-    "torch.nn.functional.max_pool1d_with_indices",
-    "torch.nn.functional._max_pool1d",
     "torch.max_pool1d",
     modules={"torch.nn.MaxPool1d": attributes(*_MAX)},
     check=_no_indices,
@@ -130,8 +121,6 @@ def max_pool1d(
 
 @register(
     "torch.nn.functional.max_pool2d",
-    "torch.nn.functional.max_pool2d_with_indices",
-    "torch.nn.functional._max_pool2d",
     "torch.max_pool2d",
     modules={"torch.nn.MaxPool2d": attributes(*_MAX)},
     check=_no_indices,
@@ -150,8 +139,6 @@ def max_pool2d(
 
 @register(
     "torch.nn.functional.max_pool3d",
-    "torch.nn.functional.max_pool3d_with_indices",
-    "torch.nn.functional._max_pool3d",
     "torch.max_pool3d",
     modules={"torch.nn.MaxPool3d": attributes(*_MAX)},
     check=_no_indices,
@@ -193,9 +180,9 @@ def _avg_pool(
     d: int,
 ) -> Array:
     """PyTorch's divisor: padding, ceil mode, ``count_include_pad``, override."""
-    k = _tuple(kernel_size, d)
-    s = _tuple(stride if stride not in (None, []) else kernel_size, d)
-    p = _tuple(padding, d)
+    k = per_axis(kernel_size, d)
+    s = per_axis(stride if stride not in (None, []) else kernel_size, d)
+    p = per_axis(padding, d)
     size = input.shape[-d:]
     geometry = [_window_geometry(*g, 1, ceil_mode) for g in zip(size, k, s, p, strict=True)]
     x = _pad_to(input, p, [length for _, length in geometry], 0)
@@ -274,7 +261,7 @@ def _sizes(spatial: Sequence[int], output_size: Any) -> list[int]:
     """``output_size`` per axis; None keeps the input's."""
     d = len(spatial)
     return [
-        n if out is None else out for n, out in zip(spatial, _tuple(output_size, d), strict=True)
+        n if out is None else out for n, out in zip(spatial, per_axis(output_size, d), strict=True)
     ]
 
 
@@ -335,8 +322,6 @@ def _adaptive_max_pool(input: Array, output_size: Any, return_indices: bool, d: 
 
 @register(
     "torch.nn.functional.adaptive_max_pool1d",
-    "torch.nn.functional.adaptive_max_pool1d_with_indices",
-    "torch.nn.functional._adaptive_max_pool1d",
     modules={"torch.nn.AdaptiveMaxPool1d": attributes("output_size", "return_indices")},
     check=_no_indices,
 )
@@ -346,8 +331,6 @@ def adaptive_max_pool1d(input: Array, output_size: Any, return_indices: bool = F
 
 @register(
     "torch.nn.functional.adaptive_max_pool2d",
-    "torch.nn.functional.adaptive_max_pool2d_with_indices",
-    "torch.nn.functional._adaptive_max_pool2d",
     modules={"torch.nn.AdaptiveMaxPool2d": attributes("output_size", "return_indices")},
     check=_no_indices,
 )
@@ -357,8 +340,6 @@ def adaptive_max_pool2d(input: Array, output_size: Any, return_indices: bool = F
 
 @register(
     "torch.nn.functional.adaptive_max_pool3d",
-    "torch.nn.functional.adaptive_max_pool3d_with_indices",
-    "torch.nn.functional._adaptive_max_pool3d",
     modules={"torch.nn.AdaptiveMaxPool3d": attributes("output_size", "return_indices")},
     check=_no_indices,
 )

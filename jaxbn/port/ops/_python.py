@@ -101,12 +101,14 @@ def div(input: Any, other: Any, *, rounding_mode: str | None = None) -> Any:
 
 @register("operator.floordiv", "operator.ifloordiv", "torch.floor_divide", "Tensor.floor_divide")
 def floordiv(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input // other
 
 
 @register("operator.mod", "torch.remainder", "Tensor.remainder")
 def mod(input: Any, other: Any) -> Any:
     """The remainder with the divisor's sign (Python's ``%``, torch's ``remainder``)."""
+    input, other = promoted(input, other)
     return input % other
 
 
@@ -123,36 +125,43 @@ def pow(input: Any, exponent: Any) -> Any:
 @register("operator.matmul", "torch.matmul", "Tensor.matmul", "torch.bmm", "Tensor.bmm")
 def matmul(input: Array, other: Array) -> Array:
     """``@``; ``bmm`` is the 3-D case."""
+    input, other = promoted(input, other)
     return jnp.matmul(input, other)
 
 
 @register("operator.eq", "torch.eq", "Tensor.eq")
 def eq(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input == other
 
 
 @register("operator.ne", "torch.ne", "Tensor.ne")
 def ne(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input != other
 
 
 @register("operator.lt", "torch.lt", "Tensor.lt")
 def lt(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input < other
 
 
 @register("operator.le", "torch.le", "Tensor.le")
 def le(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input <= other
 
 
 @register("operator.gt", "torch.gt", "Tensor.gt")
 def gt(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input > other
 
 
 @register("operator.ge", "torch.ge", "Tensor.ge")
 def ge(input: Any, other: Any) -> Any:
+    input, other = promoted(input, other)
     return input >= other
 
 
@@ -188,6 +197,8 @@ def get_attribute(obj: Any, name: str) -> Any:
             return tuple(obj.shape)
         if name == "device":
             return None
+        if name == "is_cuda":
+            return False
         if name in ("ndim", "dtype", "T", "mT"):
             return getattr(obj, name)
         raise NotImplementedError(f"tensor attribute {name!r} has no port")
@@ -209,7 +220,8 @@ def guard(value: Any, expected: Any, where: str) -> None:
     it had when the port traced it. Another value would take a branch the port does not
     have, so it is an error, raised when the ported module is traced; never other numbers.
     """
-    actual = bool(value) if isinstance(expected, bool) else value
+    # (the value as the forward used it: bool(h % 2), int(w * 0.5))
+    actual = type(expected)(value) if isinstance(expected, (bool, int)) else value
     if actual != expected:
         raise PortError(
             f"{where} was {expected!r} when the model was ported and is {actual!r} for this "

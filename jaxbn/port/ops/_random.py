@@ -89,7 +89,8 @@ def dropout2d(
     rng: Callable[[], Array],
 ) -> Array:
     del training
-    return _feature_dropout(input, p, train, rng, 2)
+    # torch reads a 3-D input as (N, C, L), as dropout1d (and warns)
+    return _feature_dropout(input, p, train, rng, 1 if input.ndim == 3 else 2)
 
 
 @register(

@@ -53,6 +53,26 @@ class FromModule:
     # torch tensor names of the module passed to the op under the same names
     # (``weight``, ``bias``), declared where the converter puts them.
     tensors: tuple[str, ...] = ()
+    # The input rank the module reads as one unbatched sample (InstanceNorm2d: 3),
+    # given a batch axis of one for the op, as torch's module does; None: none.
+    unbatched: int | None = None
+
+
+def per_axis(value: Any, d: int) -> tuple[int, ...]:
+    """torch's int-or-tuple argument (``kernel_size=3``, ``stride=(2, 1)``) for ``d`` axes."""
+    if isinstance(value, int):
+        return (value,) * d
+    value = tuple(value)
+    return value * d if len(value) == 1 else value
+
+
+def with_batch_axis(
+    fn: Callable[..., Any], rank: int, input: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """``fn`` on an input of ``rank`` axes as a batch of one (a module's unbatched input)."""
+    if getattr(input, "ndim", None) == rank:
+        return fn(input[None], *args, **kwargs)[0]
+    return fn(input, *args, **kwargs)
 
 
 def attributes(*names: str, **fixed: Any) -> FromModule:
@@ -170,7 +190,7 @@ def _import(path: str) -> Any:
     for split in range(len(parts) - 1, 0, -1):
         try:
             value: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
+        except Exception:  # absent, or broken (a torchvision built for another torch)
             continue
         try:
             for name in parts[split:]:

@@ -424,7 +424,6 @@ def _source(coord: Array, size: int, padding_mode: str, align_corners: bool) -> 
 
 @register(
     "torch.nn.functional.grid_sample",
-    "torch.grid_sampler",
     check=_check_grid_sample,
 )
 def grid_sample(

@@ -46,14 +46,15 @@ def _pair(value: Any) -> tuple[int, int]:
 # --- identity, views and shapes -------------------------------------------------
 
 
-@register(
-    "torch.clone",
-    "Tensor.clone",
-    "Tensor.contiguous",
-    modules={"torch.nn.Identity": attributes()},
-)
+@register("Tensor.contiguous", modules={"torch.nn.Identity": attributes()})
 def identity(input: Any, *args: Any, **kwargs: Any) -> Any:
-    """``nn.Identity``, ``clone()``, ``contiguous()``: the input itself (JAX arrays are values)."""
+    """``nn.Identity``, ``contiguous()``: the input itself (in torch, the same memory)."""
+    return input
+
+
+@register("torch.clone", "Tensor.clone")
+def clone(input: Array, *, memory_format: Any = None) -> Array:
+    """A copy (JAX arrays are values: the input itself)."""
     return input
 
 
@@ -307,7 +308,8 @@ def log(input: Array) -> Array:
 
 @register("torch.abs", "Tensor.abs", name="abs")
 def abs_of(input: Array) -> Array:
-    return jnp.abs(input)
+    """``|x|``, whose gradient at 0 is 0 as torch's (``jnp.abs`` passes 1)."""
+    return input * jnp.sign(input)
 
 
 @register(
