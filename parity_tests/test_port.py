@@ -717,9 +717,11 @@ class Caches(torch.nn.Module):
         super().__init__()
         self.bn = torch.nn.BatchNorm2d(3)
         self.cache: dict[str, torch.Tensor] = {}
+        self.calls: list[Any] = []
         self.last: Any = None
 
     def forward(self, x):
+        self.calls.append(x.shape)
         key = str(x.shape[-1])
         if key not in self.cache:
             self.cache[key] = x.mean()
@@ -733,6 +735,7 @@ def test_porting_leaves_the_torch_module_as_it_was():
     rng = torch.random.get_rng_state()
     ported = jaxbn.port(model, torch.from_numpy(X))
     assert model.cache == {}
+    assert model.calls == []
     assert model.last is None
     assert model.training
     for key, value in model.state_dict().items():

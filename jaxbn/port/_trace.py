@@ -99,8 +99,11 @@ def _restored(module: Any) -> Iterator[None]:
     finally:
         for m, saved, containers in attributes:
             for container, contents in containers:
-                container.clear()
-                cast(Any, container).update(contents)
+                if isinstance(container, list):
+                    container[:] = contents
+                else:
+                    container.clear()
+                    container.update(contents)
             vars(m).clear()
             vars(m).update(saved)
         with torch.no_grad():
