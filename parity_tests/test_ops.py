@@ -72,6 +72,16 @@ class WithTensors(nn.Module):
         return self.fn(self, x)
 
 
+class WritesRows(nn.Module):
+    """``y[...] = value`` in a forward: torch writes in place, the port rebinds ``y``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 1
+        y[:, :, 0] = x[:, :, -1] * 3
+        y[0] = 0.5
+        return y
+
+
 class Scaled(nn.Module):
     """``module(x * factor)``: inputs spread over an activation's kinks, or a copy of the
     input for an in-place module."""
@@ -464,6 +474,26 @@ CASES: dict[str, list[Case]] = {
         case(lambda x: F.unfold(x, 3)),
     ],
     "fold": [case(nn.Fold((5, 6), 2, padding=(0, 1), stride=(1, 2)), (2, 12, 16))],
+    "norm": [
+        case(lambda x: x.norm(dim=1)),
+        case(lambda x: torch.norm(x, p=1, dim=(2, 3), keepdim=True) * x),
+        case(lambda x: x.norm()),
+        case(lambda x: torch.linalg.vector_norm(x, ord=math.inf, dim=-1)),
+        case(lambda x: x.norm(dim=-1), WITH_ZEROS[:, :1]),  # torch's gradient at 0 is 0
+    ],
+    "var": [
+        case(lambda x: x.var(1)),
+        case(lambda x: torch.var(x, (2, 3), unbiased=False, keepdim=True)),
+    ],
+    "std": [case(lambda x: x.std(-1, correction=0)), case(lambda x: torch.std(x))],
+    "cumsum": [case(lambda x: x.cumsum(2) + torch.cumsum(x, dim=-1))],
+    "addcmul": [case(lambda x: torch.addcmul(x, x, x * 2, value=0.5) + (x * 1).addcmul_(x, x))],
+    "zeros": [case(lambda x: x + torch.zeros(x.shape[0], 1, x.shape[2], x.shape[3]))],
+    "ones": [case(lambda x: x * torch.ones(x.shape[-2:], dtype=torch.float32))],
+    "zeros_like": [case(lambda x: torch.zeros_like(x) + x)],
+    "ones_like": [case(lambda x: torch.ones_like(x) * x)],
+    "invert": [case(lambda x: x * (~(x > 0.5)).float())],
+    "setitem": [case(WritesRows())],
     "sin": [case(torch.sin), case(lambda x: x.sin())],
     "cos": [case(lambda x: x.cos() * torch.cos(x))],
     "repeat": [case(lambda x: x.repeat(1, 2, 1, 3)), case(lambda x: x[0].repeat(2, 1, 1, 1))],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import linecache
+import operator
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -113,13 +114,14 @@ def _restored(module: Any) -> Iterator[None]:
 
 
 # torch functions that take Python data, not tensors, so that a size passed to them
-# (torch.tensor(h)) never reaches FX's __torch_function__.
-_FACTORIES = ("tensor", "as_tensor")
+# (torch.tensor(h), torch.zeros(b, c)) never reaches FX's __torch_function__.
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones")
 
 
 @contextlib.contextmanager
 def _recorded_factories(tracer: Any) -> Iterator[None]:
-    """While tracing, ``torch.tensor(size)`` is a graph node, not an error."""
+    """While tracing, ``torch.tensor(size)`` and ``torch.zeros(b, c)`` are graph nodes, not
+    errors."""
     import torch
     import torch.fx
     from torch.fx.node import map_aggregate
@@ -187,6 +189,10 @@ def _make_tracer() -> type:
 
         def __int__(self) -> int:
             return cast(Any, self.tracer).static(self, "int")
+
+        def __setitem__(self, index: Any, value: Any) -> None:
+            # x[index] = value: an in-place op (the port rebinds x), which FX's proxy lacks
+            self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
         def __iter__(self) -> Iterator[Any]:
             # (FX unpacks `a, b = x` without asking the tracer, so without a guard: a

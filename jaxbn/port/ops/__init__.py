@@ -68,6 +68,7 @@ from ._python import get_attribute as getattr
 from ._python import getitem as getitem
 from ._python import gt as gt
 from ._python import guard as guard
+from ._python import invert as invert
 from ._python import le as le
 from ._python import length as len
 from ._python import lt as lt
@@ -77,6 +78,7 @@ from ._python import mul as mul
 from ._python import ne as ne
 from ._python import neg as neg
 from ._python import pow as pow
+from ._python import setitem as setitem
 from ._python import sub as sub
 from ._random import drop_path as drop_path
 from ._random import dropout as dropout
@@ -89,6 +91,7 @@ from ._registry import Entry as Entry
 from ._resizing import grid_sample as grid_sample
 from ._resizing import interpolate as interpolate
 from ._tensors import abs_of as abs
+from ._tensors import addcmul as addcmul
 from ._tensors import amax as amax
 from ._tensors import amin as amin
 from ._tensors import arange as arange
@@ -99,6 +102,7 @@ from ._tensors import clamp_max as clamp_max
 from ._tensors import clamp_min as clamp_min
 from ._tensors import clone as clone
 from ._tensors import cos as cos
+from ._tensors import cumsum as cumsum
 from ._tensors import detach as detach
 from ._tensors import dim as dim
 from ._tensors import exp as exp
@@ -112,7 +116,10 @@ from ._tensors import max_of as max
 from ._tensors import mean as mean
 from ._tensors import meshgrid as meshgrid
 from ._tensors import min_of as min
+from ._tensors import norm as norm
 from ._tensors import numel as numel
+from ._tensors import ones as ones
+from ._tensors import ones_like as ones_like
 from ._tensors import permute as permute
 from ._tensors import repeat as repeat
 from ._tensors import reshape as reshape
@@ -124,6 +131,7 @@ from ._tensors import split as split
 from ._tensors import sqrt as sqrt
 from ._tensors import squeeze as squeeze
 from ._tensors import stack as stack
+from ._tensors import std as std
 from ._tensors import sum_of as sum
 from ._tensors import tensor as tensor
 from ._tensors import to as to
@@ -135,6 +143,9 @@ from ._tensors import unflatten as unflatten
 from ._tensors import unfold as unfold
 from ._tensors import unfold_dim as unfold_dim
 from ._tensors import unsqueeze as unsqueeze
+from ._tensors import var as var
+from ._tensors import zeros as zeros
+from ._tensors import zeros_like as zeros_like
 
 __all__ = [
     "ENTRIES",
@@ -147,6 +158,7 @@ __all__ = [
     "adaptive_max_pool2d",
     "adaptive_max_pool3d",
     "add",
+    "addcmul",
     "amax",
     "amin",
     "arange",
@@ -170,6 +182,7 @@ __all__ = [
     "conv_transpose2d",
     "conv_transpose3d",
     "cos",
+    "cumsum",
     "detach",
     "dim",
     "div",
@@ -203,6 +216,7 @@ __all__ = [
     "identity",
     "instance_norm",
     "interpolate",
+    "invert",
     "layer_norm",
     "le",
     "leaky_relu",
@@ -224,8 +238,11 @@ __all__ = [
     "mul",
     "ne",
     "neg",
+    "norm",
     "normalize",
     "numel",
+    "ones",
+    "ones_like",
     "pad",
     "pad_same",
     "permute",
@@ -240,6 +257,7 @@ __all__ = [
     "rms_norm",
     "rsqrt",
     "scaled_dot_product_attention",
+    "setitem",
     "sigmoid",
     "silu",
     "sin",
@@ -251,6 +269,7 @@ __all__ = [
     "sqrt",
     "squeeze",
     "stack",
+    "std",
     "stochastic_depth",
     "sub",
     "sum",
@@ -264,4 +283,7 @@ __all__ = [
     "unfold",
     "unfold_dim",
     "unsqueeze",
+    "var",
+    "zeros",
+    "zeros_like",
 ]

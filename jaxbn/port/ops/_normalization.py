@@ -10,7 +10,6 @@ standardisation calls it so).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from ... import _functional, _linen
 from ..._frozen import FrozenBatchNorm2d
 from .._layers import Composite, Layer, batch_norm_call, dtype_of, plain_call, train_call
 from ._registry import AsLayer, FromModule, Unsupported, attributes, register, with_variables
+from ._tensors import vector_norm
 
 Array = jax.Array
 
@@ -260,12 +260,4 @@ def normalize(
     input: Array, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Any = None
 ) -> Array:
     """``input / max(||input||_p, eps)`` along ``dim``; the gradient at a zero vector is 0."""
-    magnitude = input * jnp.sign(input)  # (|x| with torch's gradient at 0: 0)
-    if math.isinf(p):
-        norm = jnp.max(magnitude, axis=dim, keepdims=True)
-    else:
-        total = jnp.sum(magnitude**p, axis=dim, keepdims=True)
-        positive = total > 0
-        # (the double where keeps the norm's gradient finite at 0, where torch's is 0)
-        norm = jnp.where(positive, jnp.where(positive, total, 1) ** (1 / p), 0)
-    return input / jnp.maximum(norm, eps)
+    return input / jnp.maximum(vector_norm(input, p, dim, keepdims=True), eps)

@@ -182,6 +182,21 @@ def length(obj: Any) -> int:
     return len(obj)
 
 
+@register("operator.invert", "torch.bitwise_not", "Tensor.bitwise_not")
+def invert(input: Any) -> Any:
+    """``~x``: logical not of a bool tensor, bitwise not of an integer one."""
+    return ~input
+
+
+@register("operator.setitem")
+def setitem(obj: Any, index: Any, value: Any) -> Any:
+    """``x[index] = value``, in place in torch: the port rebinds ``x`` to the result."""
+    obj = jnp.asarray(obj)
+    if isinstance(value, (jax.Array, np.ndarray)):
+        value = jnp.asarray(value).astype(obj.dtype)
+    return obj.at[index].set(value)
+
+
 @register("operator.getitem")
 def getitem(obj: Any, index: Any) -> Any:
     """``x[index]``: a tensor's slices and index arrays, a size tuple's items."""

@@ -180,7 +180,7 @@ def _in_place(spelling: str) -> bool:
     """``Tensor.add_``, ``torch.nn.functional.relu_``, ``operator.iadd``."""
     module, _, name = spelling.rpartition(".")
     if module == "operator":
-        return name in ("iadd", "isub", "imul", "itruediv", "ifloordiv")
+        return name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "setitem")
     return name.endswith("_") and not name.startswith("_")
 
 

@@ -167,6 +167,32 @@ def arange(start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, **_
     return jnp.arange(start, end, step, dtype=dtype)
 
 
+def _new(fill: float, size: tuple[Any, ...], dtype: Any) -> Array:
+    return jnp.full(_shape_args(size), fill, jnp.float32 if dtype is None else dtype)
+
+
+@register("torch.zeros")
+def zeros(*size: Any, dtype: Any = None, **_: Any) -> Array:
+    """float32 unless ``dtype``; a device and the like are ignored."""
+    return _new(0.0, size, dtype)
+
+
+@register("torch.ones")
+def ones(*size: Any, dtype: Any = None, **_: Any) -> Array:
+    """float32 unless ``dtype``; a device and the like are ignored."""
+    return _new(1.0, size, dtype)
+
+
+@register("torch.zeros_like")
+def zeros_like(input: Array, *, dtype: Any = None, **_: Any) -> Array:
+    return jnp.zeros_like(input, dtype=dtype)
+
+
+@register("torch.ones_like")
+def ones_like(input: Array, *, dtype: Any = None, **_: Any) -> Array:
+    return jnp.ones_like(input, dtype=dtype)
+
+
 @register("torch.tensor", "torch.as_tensor")
 def tensor(data: Any, dtype: Any = None, device: Any = None, **_: Any) -> Array:
     """Python numbers (a size) as a tensor: torch's dtypes (bool; ints as JAX's int;
@@ -270,7 +296,83 @@ def min_of(input: Array, dim: Any = None, keepdim: bool = False, *, other: Any =
     return _extreme(input, dim, keepdim, other, largest=False)
 
 
+def vector_norm(input: Array, p: Any, axis: Any, keepdims: bool) -> Array:
+    """``||input||_p`` over ``axis`` (None: all), with torch's gradient at a zero vector: 0."""
+    magnitude = input * jnp.sign(input)  # (|x| with torch's gradient at 0: 0)
+    if math.isinf(p):
+        reduce = jnp.max if p > 0 else jnp.min
+        return reduce(magnitude, axis=axis, keepdims=keepdims)
+    total = jnp.sum(magnitude**p, axis=axis, keepdims=keepdims)
+    positive = total > 0
+    # (the double where keeps the gradient finite at 0, where torch's is 0)
+    return jnp.where(positive, jnp.where(positive, total, 1) ** (1 / p), 0)
+
+
+@register("torch.norm", "Tensor.norm", "torch.linalg.vector_norm")
+def norm(
+    input: Array,
+    p: Any = "fro",
+    dim: Any = None,
+    keepdim: bool = False,
+    *,
+    dtype: Any = None,
+    **kwargs: Any,
+) -> Array:
+    """``torch.norm`` and ``Tensor.norm`` (``p``: a number, inf, or 'fro', the 2-norm of
+    the elements), and ``torch.linalg.vector_norm`` (its ``ord``)."""
+    p = kwargs.pop("ord", p)
+    x = input if dtype is None else input.astype(dtype)
+    return vector_norm(x, 2.0 if p in ("fro", None) else float(p), _dims(dim), keepdim)
+
+
+def _deviations(input: Array, dim: Any, unbiased: Any, keepdim: bool, correction: Any) -> Array:
+    """torch's variance: ``correction`` (or 1, or 0 with ``unbiased=False``) degrees lost."""
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return jnp.var(input, axis=_dims(dim), ddof=correction, keepdims=keepdim)
+
+
+@register("torch.var", "Tensor.var")
+def var(
+    input: Array,
+    dim: Any = None,
+    unbiased: Any = None,
+    keepdim: bool = False,
+    *,
+    correction: Any = None,
+) -> Array:
+    """``var(x, dim, unbiased, keepdim)`` or ``var(x, dim, correction=, keepdim=)``."""
+    if isinstance(dim, bool):  # var(x, unbiased)
+        dim, unbiased = None, dim
+    return _deviations(input, dim, unbiased, keepdim, correction)
+
+
+@register("torch.std", "Tensor.std")
+def std(
+    input: Array,
+    dim: Any = None,
+    unbiased: Any = None,
+    keepdim: bool = False,
+    *,
+    correction: Any = None,
+) -> Array:
+    if isinstance(dim, bool):
+        dim, unbiased = None, dim
+    return jnp.sqrt(_deviations(input, dim, unbiased, keepdim, correction))
+
+
+@register("torch.cumsum", "Tensor.cumsum")
+def cumsum(input: Array, dim: int, *, dtype: Any = None) -> Array:
+    return jnp.cumsum(input, axis=dim, dtype=dtype)
+
+
 # --- elementwise -------------------------------------------------------------
+
+
+@register("torch.addcmul", "Tensor.addcmul", "Tensor.addcmul_")
+def addcmul(input: Array, tensor1: Array, tensor2: Array, *, value: Any = 1) -> Array:
+    """``input + value * tensor1 * tensor2``."""
+    return input + value * tensor1 * tensor2
 
 
 @register("torch.sqrt", "Tensor.sqrt", "math.sqrt")
