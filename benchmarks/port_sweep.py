@@ -162,6 +162,9 @@ def _missing(message: str) -> list[str]:
             r"tensor method (\.\w+\(\)) has no converter",
             r": ([^:]*has no port[^;(]*)",
             r"(F\.\w+[^;]*?) (?:updates|is not supported)",
+            r"(same tensor under two names)",
+            r"(variables differ from what jaxbn.from_torch makes)",
+            r"(reads '\w+', which .* changed in place through another view)",
         ):
             found += re.findall(pattern, line)
         if line.startswith("torch.fx cannot trace"):

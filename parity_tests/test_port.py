@@ -834,3 +834,11 @@ def test_python_values_and_bfloat16_as_example_inputs():
     with torch.no_grad():
         desired = model.eval()(x).float()
     assert_close(np.asarray(y, np.float32), desired, what="bfloat16", rtol=2e-2, atol=2e-2)
+
+
+def test_a_tensor_under_two_names_is_refused_by_name():
+    """A module registered twice (CoaT shares its convolutions) would be two variables."""
+    shared = torch.nn.Conv2d(3, 3, 1)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    with pytest.raises(PortError, match=r"2 tensor\(s\) .* 0.weight = 2.weight; 0.bias = 2.bias"):
+        jaxbn.port(model, torch.from_numpy(X))

@@ -111,6 +111,7 @@ def port(
         raise TypeError(
             f"jaxbn.port: `module` must be a torch.nn.Module, got {type(module).__name__}"
         )
+    _refuse_shared_tensors(module)
     converters = dict(converters or {})
     leaves = list(leaves)
     interpreter = Interpreter(module, converters)
@@ -155,6 +156,28 @@ def port(
         interpreter.flax_key(name) for name, p in module.named_parameters() if not p.requires_grad
     )
     return Ported(flax_module, variables, tuple(interpreter.ops), frozen)
+
+
+def _refuse_shared_tensors(module: Any) -> None:
+    """A tensor under two names (a module registered twice, as CoaT's shared convolutions;
+    tied weights) would be two variables that training moves apart: refused, named."""
+    paths: dict[int, list[str]] = {}
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in tensors:
+        paths.setdefault(id(tensor), []).append(name)
+    shared = [names for names in paths.values() if len(names) > 1]
+    if shared:
+        listed = "; ".join(" = ".join(names) for names in shared[:5])
+        more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
+        raise PortError(
+            f"jaxbn.port: {len(shared)} tensor(s) of {type(module).__name__} are the same "
+            f"tensor under two names: {listed}{more}. A port has one variable per name, "
+            "which training would move apart; shared modules and tied weights are not "
+            "ported yet"
+        )
 
 
 def _as_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
