@@ -6,6 +6,7 @@ against torch in eval and in one training step.
 The catalogue: the ``--per-family`` smallest models of each of timm's
 families (its model modules), up to ``--limit`` parameters (``--per-family
 0``: every model under the limit), and every torchvision model of every task
+(listed, and not run, over the limit)
 (classification, segmentation, video, optical flow, the quantizable ones in
 float, the detection backbones; whole detectors are left out: their
 non-maximum suppression has data-dependent shapes, which a compiled program
@@ -255,7 +256,7 @@ def check(spec: str) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    outcomes = ("matches", "differs", "port error", "crash", "torch fails", "timeout")
+    outcomes = ("matches", "differs", "port error", "crash", "torch fails", "timeout", "not run")
     lines = ["# jaxbn.port catalogue sweep", ""]
     for source in ("timm", "torchvision"):
         rows = [r for r in results if r["model"].startswith(source)]
@@ -313,6 +314,13 @@ def main() -> None:
     print(f"{len(catalogue)} models, {sum(spec in done for spec, _ in catalogue)} done", flush=True)
     for spec, count in catalogue:
         if spec in done:
+            continue
+        if count > args.limit:
+            result = {"model": spec, "outcome": "not run", "detail": "over --limit"}
+            result["params"] = count
+            done[spec] = result
+            with RESULTS.open("a") as file:
+                file.write(json.dumps(result) + "\n")
             continue
         try:
             out = subprocess.run(
