@@ -497,6 +497,11 @@ CASES: dict[str, list[Case]] = {
     "sin": [case(torch.sin), case(lambda x: x.sin())],
     "cos": [case(lambda x: x.cos() * torch.cos(x))],
     "repeat": [case(lambda x: x.repeat(1, 2, 1, 3)), case(lambda x: x[0].repeat(2, 1, 1, 1))],
+    "repeat_interleave": [
+        case(lambda x: x.repeat_interleave(2, dim=1) + torch.repeat_interleave(x, 2, 1)),
+        case(lambda x: torch.repeat_interleave(x, 3)),
+        case(lambda x: x.repeat_interleave(torch.tensor([1, 0, 2]), dim=1, output_size=3)),
+    ],
     "arange": [
         case(
             lambda x: (

@@ -122,6 +122,7 @@ from ._tensors import ones as ones
 from ._tensors import ones_like as ones_like
 from ._tensors import permute as permute
 from ._tensors import repeat as repeat
+from ._tensors import repeat_interleave as repeat_interleave
 from ._tensors import reshape as reshape
 from ._tensors import reshape_as as reshape_as
 from ._tensors import rsqrt as rsqrt
@@ -252,6 +253,7 @@ __all__ = [
     "relu",
     "relu6",
     "repeat",
+    "repeat_interleave",
     "reshape",
     "reshape_as",
     "rms_norm",

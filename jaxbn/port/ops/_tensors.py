@@ -156,6 +156,16 @@ def repeat(input: Array, *sizes: Any) -> Array:
     return jnp.tile(input, _shape_args(sizes))
 
 
+@register("torch.repeat_interleave", "Tensor.repeat_interleave")
+def repeat_interleave(
+    input: Array, repeats: Any, dim: int | None = None, *, output_size: int | None = None
+) -> Array:
+    """Each element ``repeats`` times in a row along ``dim`` (flattened when None);
+    ``repeats`` an int or one count per element. (torch's one-argument form, which
+    repeats indices, has a size that depends on the values: it is not supported.)"""
+    return jnp.repeat(input, repeats, axis=dim, total_repeat_length=output_size)
+
+
 @register("torch.arange")
 def arange(start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, **_: Any) -> Array:
     """Integers (JAX's int: int32 unless x64 is on) when every bound is one, else
