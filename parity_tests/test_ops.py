@@ -82,6 +82,14 @@ class WritesRows(nn.Module):
         return y
 
 
+class OptionalMask(nn.Module):
+    """``mask=None`` as attention blocks take it: ``is not None`` cannot be traced, so the
+    port takes the argument as None, and checks that it stays None."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x * 2 if mask is None else x * mask
+
+
 class Scaled(nn.Module):
     """``module(x * factor)``: inputs spread over an activation's kinks, or a copy of the
     input for an in-place module."""
@@ -496,7 +504,11 @@ CASES: dict[str, list[Case]] = {
     "setitem": [case(WritesRows())],
     "sin": [case(torch.sin), case(lambda x: x.sin())],
     "cos": [case(lambda x: x.cos() * torch.cos(x))],
-    "repeat": [case(lambda x: x.repeat(1, 2, 1, 3)), case(lambda x: x[0].repeat(2, 1, 1, 1))],
+    "repeat": [
+        case(lambda x: x.repeat(1, 2, 1, 3)),
+        case(lambda x: x[0].repeat(2, 1, 1, 1)),
+        case(lambda x: x.tile((2, 1))[..., 3:8, :] + torch.tile(x, (1, 1, 1, 2))[..., 4:10]),
+    ],
     "repeat_interleave": [
         case(lambda x: x.repeat_interleave(2, dim=1) + torch.repeat_interleave(x, 2, 1)),
         case(lambda x: torch.repeat_interleave(x, 3)),
@@ -526,6 +538,7 @@ CASES: dict[str, list[Case]] = {
             )
         ),
         case(lambda x: x + torch.meshgrid(x[0, 0, :, 0], x[0, 0, 0, :], indexing="xy")[1].T),
+        case(lambda x: x * torch.meshgrid([x[0, 0, :, 0], x[0, 0, 0, :]], indexing="ij")[0]),  # (a list)
     ],
     "unfold_dim": [case(lambda x: x.unfold(2, 2, 2)), case(lambda x: x.unfold(-1, 3, 1))],
     # --- resizing ---
@@ -598,6 +611,7 @@ CASES: dict[str, list[Case]] = {
         case(lambda x: (lambda a, b: a - b)(*x.chunk(2))),  # unpacking: its length guarded
     ],
     "assert_": [case(lambda x: (torch._assert(x.shape[1] == 3, "three channels"), x * 2)[1])],
+    "assert_is_none": [case(OptionalMask())],
 }
 
 # Entries without a case of their own, and why.

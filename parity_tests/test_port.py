@@ -610,6 +610,30 @@ def test_bare_parameters_are_placed_by_the_ports_own_template():
     assert torch.equal(state["0.gamma"], gamma)
 
 
+class ReadsALinearsWeight(torch.nn.Module):
+    """EVA's attention: its qkv Linear never called, its weight read with biases of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(6, 9, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qkv.weight, self.q_bias)
+
+
+def test_a_layers_tensor_read_where_the_layer_is_never_called():
+    model = ReadsALinearsWeight()
+    desired, actual, _ = run_both(model, X[:, :2, :3, :6], train=True)
+    assert_close(actual, desired, what="output")
+    ported = jaxbn.port(model, torch.from_numpy(X[:, :2, :3, :6]))
+    np.testing.assert_array_equal(  # where from_torch puts a Linear's weight: transposed
+        ported.variables["params"]["qkv"]["kernel"], model.qkv.weight.detach().numpy().T
+    )
+    state = jaxbn.to_torch(ported.variables, model)
+    assert torch.equal(state["qkv.weight"], model.qkv.weight)
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -664,6 +688,48 @@ def test_control_flow_on_sizes_follows_the_example_and_refuses_another_branch():
     assert "BranchesOnWidth.forward; its bool()) was True when the model was ported" in message
     assert "and is False for this input" in message
     assert "ported at input shape (2, 3, 10, 13); called with (2, 3, 10, 12)" in message
+
+
+@torch.fx.wrap  # as timm marks its window and grid functions: plain FX cannot trace them
+def _pad_even(x):
+    if x.shape[-1] % 2:
+        x = F.pad(x, (0, 1))
+    return x
+
+
+class CallsAWrappedFunction(torch.nn.Module):
+    def forward(self, x):
+        return _pad_even(x * 2).reshape(x.shape[0], -1, 2).sum(-1)
+
+
+def test_a_function_marked_for_fx_to_leave_alone_is_traced_into_with_its_guards():
+    model = CallsAWrappedFunction()
+    ported = jaxbn.port(model, torch.from_numpy(X))  # width 13
+    assert "pad" in ported.ops  # (the function traced into, not one call)
+    with torch.no_grad():
+        desired = model(torch.from_numpy(X[..., :11]))
+    assert_close(ported.module.apply({}, X[..., :11]), desired, what="width 11")
+    with pytest.raises(PortError) as error:
+        ported.module.apply({}, X[..., :12])
+    assert re.search(r"in _pad_even, called in [\w.]*CallsAWrappedFunction.forward; its bool", str(error.value))
+
+
+class MaskedWhenGiven(torch.nn.Module):
+    def forward(self, x, mask=None, scale=None):
+        if mask is not None:  # (a proxy is never None: FX alone would take this branch)
+            x = x * mask
+        return x * 2 if scale is None else x * scale
+
+
+def test_an_argument_that_is_none_is_traced_as_none_and_must_stay_none():
+    model = MaskedWhenGiven()
+    ported = jaxbn.port(model, {"x": X, "scale": None})
+    assert "mul" in ported.ops
+    for call in ({}, {"mask": None}, {"scale": None, "mask": None}):
+        np.testing.assert_array_equal(ported.module.apply({}, X, **call), X * 2)
+    with pytest.raises(PortError, match=r"mask has been specialized to have value None .*\(it was None "
+                       r"when the model was ported"):  # fmt: skip
+        ported.module.apply({}, X, mask=X)
 
 
 class TwoImages(torch.nn.Module):

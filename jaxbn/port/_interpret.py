@@ -141,7 +141,13 @@ class Interpreter:
                 f"(jaxbn.convert.inspect cannot place it: {self._why(node.target)})"
             )
             return
-        in_layer = owner is not self.root and self.is_leaf(owner)
+        # (a layer the forward never calls declares nothing: its tensor is then declared
+        # where it is read, as EVA's attention reads its qkv Linear's weight alone)
+        in_layer = (
+            owner is not self.root
+            and self.is_leaf(owner)
+            and any(n.op == "call_module" and n.target == prefix for n in node.graph.nodes)
+        )
         draft.nodes.append(Node(node.name, "variable", (*found, in_layer)))
 
     def call_module(self, node: Any, draft: _Draft) -> None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import linecache
 import operator
 import traceback
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -67,14 +69,63 @@ def trace(
         with _restored(module):
             module.train(training)
             tracer = _tracer_class()(is_leaf, inputs, keywords or {}, autowrap)
+            nones = _none_arguments(module, inputs, keywords or {})
             try:
-                with torch.no_grad(), _recorded_factories(tracer):
-                    graphs[training] = tracer.trace(module)
+                with torch.no_grad(), _recorded_factories(tracer), _traced_through(autowrap):
+                    graphs[training] = tracer.trace(module, concrete_args=nones or None)
             except PortError:
                 raise
             except Exception as error:
                 raise PortError(_trace_failure(module, tracer, error, training)) from error
+        for node in graphs[training].nodes:  # (FX names a None argument `mask_1`)
+            if node.op == "placeholder" and node.target.removesuffix("_1") in nones:
+                node.target = node.target.removesuffix("_1")
     return graphs
+
+
+def _none_arguments(
+    module: Any, inputs: Sequence[Any], keywords: Mapping[str, Any]
+) -> dict[str, None]:
+    """The forward's arguments past the positional inputs that are None, given so or by
+    default (``mask=None``): traced as None, since ``if mask is not None`` cannot be
+    seen on a proxy. The ported module checks that they stay None."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    nones: dict[str, None] = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if index >= len(inputs) and keywords.get(parameter.name, parameter.default) is None:
+            nones[parameter.name] = None
+    return nones
+
+
+@contextlib.contextmanager
+def _traced_through(keep: Iterable[Any]) -> Iterator[None]:
+    """Trace into the functions a library marked ``torch.fx.wrap`` (timm's "no-trace"
+    functions: grids and windows built from sizes), but for those in ``keep``: FX
+    wraps them because plain FX cannot follow their control flow on sizes, which
+    this tracer can (with guards). Kept wrapped, they were calls with no op."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    keep = {id(f) for f in keep}
+    table = fx_trace._wrapped_fns_to_patch
+    saved = dict(table)
+    for key, scope in saved.items():
+        function = scope.get(key[1])
+        if (
+            isinstance(function, types.FunctionType)
+            and id(function) not in keep
+            and function.__module__.partition(".")[0] != "torch"
+        ):
+            del table[key]
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
 
 
 @contextlib.contextmanager
@@ -369,6 +420,8 @@ def _make_tracer() -> type:
             if frame is None:
                 return f"a size in {block}"
             line = linecache.getline(frame.filename, frame.lineno or 0).strip()
+            if frame.name != "forward":  # a helper the forward calls
+                block = f"{frame.name}, called in {block}"
             return f"`{line}` ({frame.filename}:{frame.lineno}, in {block}; its {kind}())"
 
     return Tracer

@@ -58,6 +58,7 @@ from ._pooling import max_pool2d as max_pool2d
 from ._pooling import max_pool3d as max_pool3d
 from ._python import add as add
 from ._python import assert_ as assert_
+from ._python import assert_is_none as assert_is_none
 from ._python import ceil as ceil
 from ._python import div as div
 from ._python import eq as eq
@@ -164,6 +165,7 @@ __all__ = [
     "amin",
     "arange",
     "assert_",
+    "assert_is_none",
     "avg_pool1d",
     "avg_pool2d",
     "avg_pool3d",

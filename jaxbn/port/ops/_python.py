@@ -229,6 +229,18 @@ def assert_(condition: Any, message: str) -> None:
         raise AssertionError(message)
 
 
+@register("torch.fx._symbolic_trace._assert_is_none", name="assert_is_none")
+def assert_is_none(value: Any, message: str) -> None:
+    """An argument the forward had as None when the model was ported (``mask=None``):
+    the port has only that branch, so another value is an error, not ignored."""
+    if value is not None:
+        raise PortError(
+            f"{message} (it was None when the model was ported, and the port has no branch "
+            "for another value). Port the model again with that argument in the example "
+            "input, the inputs by name: jaxbn.port(model, {name: value, ...})"
+        )
+
+
 @register("jaxbn.port.ops._python.guard")
 def guard(value: Any, expected: Any, where: str) -> None:
     """Where torch's forward branched on a size (``if h % 7:``, ``range(n)``): the value

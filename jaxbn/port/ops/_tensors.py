@@ -150,9 +150,10 @@ def numel(input: Array) -> int:
     return int(np.prod(input.shape))
 
 
-@register("Tensor.repeat")
+@register("Tensor.repeat", "torch.tile", "Tensor.tile")
 def repeat(input: Array, *sizes: Any) -> Array:
-    """Tile ``input`` ``sizes`` times per axis (more sizes than axes add leading axes)."""
+    """Tile ``input`` ``sizes`` times per axis (more sizes than axes add leading axes;
+    fewer, as only ``tile`` takes, repeat the last axes)."""
     return jnp.tile(input, _shape_args(sizes))
 
 
@@ -214,7 +215,7 @@ def tensor(data: Any, dtype: Any = None, device: Any = None, **_: Any) -> Array:
     return jnp.asarray(data, dtype)
 
 
-@register("torch.meshgrid")
+@register("torch.meshgrid", "torch._VF.meshgrid")  # (torch.meshgrid([a, b]) calls _VF with the list)
 def meshgrid(*tensors: Any, indexing: str | None = None) -> tuple[Array, ...]:
     """torch's default is 'ij' (matrix) indexing."""
     arrays = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)) else tensors
