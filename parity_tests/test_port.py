@@ -634,6 +634,27 @@ def test_a_layers_tensor_read_where_the_layer_is_never_called():
     assert torch.equal(state["qkv.weight"], model.qkv.weight)
 
 
+class GainConv(torch.nn.Conv2d):
+    """timm's ScaledStdConv2d: a Conv2d with a tensor of its own and its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3, padding=1)
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4)[:, None, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+def test_a_layer_subclass_with_a_tensor_of_its_own_keeps_its_tensors_names():
+    model = torch.nn.Sequential(GainConv(), torch.nn.BatchNorm2d(4))
+    desired, actual, _ = run_both(model, X[:, :3], train=True)
+    assert_close(actual, desired, what="output")
+    ported = jaxbn.port(model, torch.from_numpy(X[:, :3]))
+    assert set(ported.variables["params"]["0"]) == {"weight", "bias", "gain"}
+    state = jaxbn.to_torch(ported.variables, model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "build",
     [

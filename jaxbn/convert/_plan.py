@@ -336,8 +336,12 @@ def _spec_for_torch(
     if prefix in overrides:
         return KINDS[overrides[prefix]], ""
     cls = source.classes.get(prefix)
-    if cls is not None and spec_of_class(cls) is not None:
-        return spec_of_class(cls), ""
+    own = spec_of_class(cls) if cls is not None else None
+    if own is not None and (
+        template is None
+        or all(own.tensor_for_torch(n, r, origin[n]) is not None for n, r in ranks.items())
+    ):
+        return own, ""
     candidates = [
         spec
         for spec in SPECS
@@ -354,7 +358,11 @@ def _spec_for_torch(
             )
         ]
         if len(_distinct(fitting, ranks, origin)) == 1:
+            # (a subclass with a tensor of its own, as timm's ScaledStdConv2d's gain, is
+            # bare parameters where the template has them so)
             return fitting[0], ""
+    if own is not None:
+        return own, ""
     if cls is not None:
         hint = (
             ""
@@ -534,10 +542,10 @@ def _spec_for_flax(
 ) -> LayerSpec | None:
     if prefix in overrides:
         return KINDS[overrides[prefix]]
-    if template is not None and prefix in template.classes:
-        spec = spec_of_class(template.classes[prefix])
-        if spec is not None:
-            return spec
+    classes = template.classes if template is not None else {}
+    own = spec_of_class(classes[prefix]) if prefix in classes else None
+    if own is not None and all(own.tensor_for_flax(c, n) is not None for c, n in leaves):
+        return own
     named = [
         spec
         for spec in SPECS
@@ -558,7 +566,7 @@ def _spec_for_flax(
                 for row, (_, n) in zip(rows, leaves, strict=True)
             ):
                 return spec
-    return named[0] if named else None
+    return own or (named[0] if named else None)
 
 
 # --- accounting ---------------------------------------------------------------

@@ -327,13 +327,18 @@ class Interpreter:
         kind, which the port's own template then selects.
         """
         prefix = key.rpartition(".")[0]
-        entry = self._entries.get(key)
+        # (a module with a tensor its layer kind lacks, as timm's ScaledStdConv2d's gain,
+        # is traced into: all its tensors keep their names)
+        partial = prefix and any(line.startswith(f"{prefix}.") for line in self._plan.unconverted)
+        entry = None if partial else self._entries.get(key)
         if entry is not None:
             collection, *path, name = entry.flax_key
             axes = tuple(LAYOUTS[entry.layout][1](len(entry.flax_shape)))
             variable = Variable(argument, collection, name, entry.flax_shape, entry.dtype, axes)
             return tuple(path), variable
-        if not any(line.startswith(f"{prefix or '<root>'}:") for line in self._plan.unconverted):
+        if not partial and not any(
+            line.startswith(f"{prefix or '<root>'}:") for line in self._plan.unconverted
+        ):
             return None  # ambiguous, or not a tensor at all
         tensor = self.root.get_parameter(key) if key in self._parameters else None
         if tensor is None:
