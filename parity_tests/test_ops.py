@@ -477,6 +477,15 @@ CASES: dict[str, list[Case]] = {
     "to": [case(lambda x: x.to(torch.float32) + x.to(x))],
     "type_as": [case(lambda x: (x > 0).type_as(x) * x)],
     "float": [case(lambda x: (x > 0).float() * x)],
+    "long": [case(lambda x: (x * 3).long() * x + (x * -3).int())],
+    "roll": [
+        case(lambda x: torch.roll(x, (1, -2), (2, 3)) * x.roll(3, -1)),
+        case(lambda x: x.roll(4) + torch.roll(x, shifts=-1, dims=0)),
+    ],
+    "einsum": [
+        case(lambda x: torch.einsum("bchw,bcgw->bhg", x, x * 2)),
+        case(lambda x: torch.einsum("...ij,...kj->...ik", [x, x * 0.5 + 1])),
+    ],
     "unfold": [
         case(nn.Unfold(2, dilation=(1, 2), padding=1, stride=(2, 1))),
         case(lambda x: F.unfold(x, 3)),

@@ -35,6 +35,7 @@ from ._linear import conv3d as conv3d
 from ._linear import conv_transpose1d as conv_transpose1d
 from ._linear import conv_transpose2d as conv_transpose2d
 from ._linear import conv_transpose3d as conv_transpose3d
+from ._linear import einsum as einsum
 from ._linear import linear as linear
 from ._normalization import batch_norm as batch_norm
 from ._normalization import group_norm as group_norm
@@ -126,6 +127,7 @@ from ._tensors import repeat as repeat
 from ._tensors import repeat_interleave as repeat_interleave
 from ._tensors import reshape as reshape
 from ._tensors import reshape_as as reshape_as
+from ._tensors import roll as roll
 from ._tensors import rsqrt as rsqrt
 from ._tensors import sin as sin
 from ._tensors import size as size
@@ -138,6 +140,7 @@ from ._tensors import sum_of as sum
 from ._tensors import tensor as tensor
 from ._tensors import to as to
 from ._tensors import to_float as float
+from ._tensors import to_int as long
 from ._tensors import transpose as transpose
 from ._tensors import type_as as type_as
 from ._tensors import unbind as unbind
@@ -194,6 +197,7 @@ __all__ = [
     "dropout1d",
     "dropout2d",
     "dropout3d",
+    "einsum",
     "elu",
     "eq",
     "exp",
@@ -227,6 +231,7 @@ __all__ = [
     "linear",
     "log",
     "log_softmax",
+    "long",
     "lt",
     "matmul",
     "max",
@@ -259,6 +264,7 @@ __all__ = [
     "reshape",
     "reshape_as",
     "rms_norm",
+    "roll",
     "rsqrt",
     "scaled_dot_product_attention",
     "setitem",

@@ -391,3 +391,11 @@ def linear(input: Array, weight: Array, bias: Array | None = None) -> Array:
     """``input @ weight.T + bias``, weight (out, in) as torch's."""
     y = input @ weight.T
     return y if bias is None else y + bias
+
+
+@register("torch.einsum")
+def einsum(equation: str, *operands: Any) -> Array:
+    """Operands as arguments or as one list, as torch takes them."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    return jnp.einsum(equation, *operands)

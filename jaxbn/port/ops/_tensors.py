@@ -222,6 +222,12 @@ def meshgrid(*tensors: Any, indexing: str | None = None) -> tuple[Array, ...]:
     return tuple(jnp.meshgrid(*arrays, indexing=indexing or "ij"))
 
 
+@register("torch.roll", "Tensor.roll")
+def roll(input: Array, shifts: Any, dims: Any = None) -> Array:
+    """Shift cyclically along ``dims`` (the flattened tensor when None)."""
+    return jnp.roll(input, _dims(shifts), axis=_dims(dims))
+
+
 # --- joining and splitting ---------------------------------------------------
 
 
@@ -472,6 +478,12 @@ def type_as(input: Array, other: Array) -> Array:
 @register("Tensor.float", name="float")
 def to_float(input: Array) -> Array:
     return input.astype(jnp.float32)
+
+
+@register("Tensor.long", "Tensor.int", name="long")
+def to_int(input: Array) -> Array:
+    """Toward zero, as torch casts; int64 is JAX's int (int32 unless x64 is on)."""
+    return input.astype(jax.dtypes.canonicalize_dtype(jnp.int64))
 
 
 # --- sliding windows --------------------------------------------------------------
