@@ -342,13 +342,6 @@ def norm(
     return vector_norm(x, 2.0 if p in ("fro", None) else float(p), _dims(dim), keepdim)
 
 
-def _deviations(input: Array, dim: Any, unbiased: Any, keepdim: bool, correction: Any) -> Array:
-    """torch's variance: ``correction`` (or 1, or 0 with ``unbiased=False``) degrees lost."""
-    if correction is None:
-        correction = 0 if unbiased is False else 1
-    return jnp.var(input, axis=_dims(dim), ddof=correction, keepdims=keepdim)
-
-
 @register("torch.var", "Tensor.var")
 def var(
     input: Array,
@@ -358,10 +351,13 @@ def var(
     *,
     correction: Any = None,
 ) -> Array:
-    """``var(x, dim, unbiased, keepdim)`` or ``var(x, dim, correction=, keepdim=)``."""
+    """``var(x, dim, unbiased, keepdim)`` or ``var(x, dim, correction=, keepdim=)``;
+    torch's ``correction`` (or 1, or 0 with ``unbiased=False``) degrees lost."""
     if isinstance(dim, bool):  # var(x, unbiased)
         dim, unbiased = None, dim
-    return _deviations(input, dim, unbiased, keepdim, correction)
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return jnp.var(input, axis=_dims(dim), ddof=correction, keepdims=keepdim)
 
 
 @register("torch.std", "Tensor.std")
@@ -373,9 +369,7 @@ def std(
     *,
     correction: Any = None,
 ) -> Array:
-    if isinstance(dim, bool):
-        dim, unbiased = None, dim
-    return jnp.sqrt(_deviations(input, dim, unbiased, keepdim, correction))
+    return jnp.sqrt(var(input, dim, unbiased, keepdim, correction=correction))
 
 
 @register("torch.cumsum", "Tensor.cumsum")
