@@ -531,6 +531,7 @@ CASES: dict[str, list[Case]] = {
             )
         ),
         case(lambda x: x + torch.arange(0.5, x.shape[-1], 1.5)[:4].sum()),
+        case(lambda x: x * torch.arange(x.shape[-1], dtype=torch.long)),  # (JAX's int)
     ],
     "tensor": [
         case(lambda x: x / torch.sqrt(torch.tensor(x.shape[1])) + torch.as_tensor(x.shape[2] * 0.5))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,6 +83,8 @@ def resolve(value: Any, env: Mapping[str, Any]) -> Any:
         return {k: resolve(v, env) for k, v in value.items()}
     if isinstance(value, slice):
         return slice(resolve(value.start, env), resolve(value.stop, env), resolve(value.step, env))
+    if isinstance(value, np.dtype):  # torch.long as JAX holds it now: int32 unless x64 is on
+        return jax.dtypes.canonicalize_dtype(value)
     return value
 
 
