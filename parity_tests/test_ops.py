@@ -507,7 +507,14 @@ CASES: dict[str, list[Case]] = {
     "addcmul": [case(lambda x: torch.addcmul(x, x, x * 2, value=0.5) + (x * 1).addcmul_(x, x))],
     "zeros": [case(lambda x: x + torch.zeros(x.shape[0], 1, x.shape[2], x.shape[3]))],
     "ones": [case(lambda x: x * torch.ones(x.shape[-2:], dtype=torch.float32))],
-    "zeros_like": [case(lambda x: torch.zeros_like(x) + x)],
+    "zeros_like": [case(lambda x: torch.zeros_like(x) + x), case(lambda x: (x * 1).zero_() + x)],
+    "new_zeros": [case(lambda x: x + x.new_zeros(x.shape[-1]) + x.new_zeros((1, 1, 1)))],
+    "new_ones": [case(lambda x: x * x.new_ones(x.shape[0], 1, 1, 1))],
+    "masked_fill": [
+        case(lambda x: x.masked_fill(x > 0.5, -100.0)),
+        case(lambda x: torch.masked_fill(x, x[:1, :1] < 0, torch.tensor(2.0)) * 3),
+        case(lambda x: (x * 1).masked_fill_(x.abs() < 0.3, 0) + x),
+    ],
     "ones_like": [case(lambda x: torch.ones_like(x) * x)],
     "invert": [case(lambda x: x * (~(x > 0.5)).float())],
     "setitem": [case(WritesRows())],
@@ -548,7 +555,9 @@ CASES: dict[str, list[Case]] = {
             )
         ),
         case(lambda x: x + torch.meshgrid(x[0, 0, :, 0], x[0, 0, 0, :], indexing="xy")[1].T),
-        case(lambda x: x * torch.meshgrid([x[0, 0, :, 0], x[0, 0, 0, :]], indexing="ij")[0]),  # (a list)
+        case(
+            lambda x: x * torch.meshgrid([x[0, 0, :, 0], x[0, 0, 0, :]], indexing="ij")[0]
+        ),  # (a list)
     ],
     "unfold_dim": [case(lambda x: x.unfold(2, 2, 2)), case(lambda x: x.unfold(-1, 3, 1))],
     # --- resizing ---

@@ -114,10 +114,13 @@ from ._tensors import flatten as flatten
 from ._tensors import fold as fold
 from ._tensors import identity as identity
 from ._tensors import log as log
+from ._tensors import masked_fill as masked_fill
 from ._tensors import max_of as max
 from ._tensors import mean as mean
 from ._tensors import meshgrid as meshgrid
 from ._tensors import min_of as min
+from ._tensors import new_ones as new_ones
+from ._tensors import new_zeros as new_zeros
 from ._tensors import norm as norm
 from ._tensors import numel as numel
 from ._tensors import ones as ones
@@ -233,6 +236,7 @@ __all__ = [
     "log_softmax",
     "long",
     "lt",
+    "masked_fill",
     "matmul",
     "max",
     "max_pool1d",
@@ -246,6 +250,8 @@ __all__ = [
     "mul",
     "ne",
     "neg",
+    "new_ones",
+    "new_zeros",
     "norm",
     "normalize",
     "numel",

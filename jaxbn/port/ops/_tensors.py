@@ -194,7 +194,7 @@ def ones(*size: Any, dtype: Any = None, **_: Any) -> Array:
     return _new(1.0, size, dtype)
 
 
-@register("torch.zeros_like")
+@register("torch.zeros_like", "Tensor.zero_")
 def zeros_like(input: Array, *, dtype: Any = None, **_: Any) -> Array:
     return jnp.zeros_like(input, dtype=dtype)
 
@@ -215,7 +215,9 @@ def tensor(data: Any, dtype: Any = None, device: Any = None, **_: Any) -> Array:
     return jnp.asarray(data, dtype)
 
 
-@register("torch.meshgrid", "torch._VF.meshgrid")  # (torch.meshgrid([a, b]) calls _VF with the list)
+@register(
+    "torch.meshgrid", "torch._VF.meshgrid"
+)  # (torch.meshgrid([a, b]) calls _VF with the list)
 def meshgrid(*tensors: Any, indexing: str | None = None) -> tuple[Array, ...]:
     """torch's default is 'ij' (matrix) indexing."""
     arrays = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)) else tensors
@@ -226,6 +228,24 @@ def meshgrid(*tensors: Any, indexing: str | None = None) -> tuple[Array, ...]:
 def roll(input: Array, shifts: Any, dims: Any = None) -> Array:
     """Shift cyclically along ``dims`` (the flattened tensor when None)."""
     return jnp.roll(input, _dims(shifts), axis=_dims(dims))
+
+
+@register("Tensor.new_zeros")
+def new_zeros(input: Array, *size: Any, dtype: Any = None, **_: Any) -> Array:
+    """Zeros of ``size`` in ``input``'s dtype unless ``dtype``."""
+    return jnp.zeros(_shape_args(size), input.dtype if dtype is None else dtype)
+
+
+@register("Tensor.new_ones")
+def new_ones(input: Array, *size: Any, dtype: Any = None, **_: Any) -> Array:
+    return jnp.ones(_shape_args(size), input.dtype if dtype is None else dtype)
+
+
+@register("torch.masked_fill", "Tensor.masked_fill", "Tensor.masked_fill_")
+def masked_fill(input: Array, mask: Array, value: Any) -> Array:
+    """``value`` where ``mask`` is True (broadcast), in ``input``'s dtype; no gradient
+    flows to ``input`` there."""
+    return jnp.where(mask, jnp.asarray(value, input.dtype), input)
 
 
 # --- joining and splitting ---------------------------------------------------
