@@ -851,10 +851,28 @@ def test_unpacking_is_guarded_as_python_unpacks():
         ported.module.apply({}, np.concatenate([X, X[:1]]))
 
 
-class WritesThroughAView(torch.nn.Module):
+class WritesThroughASlice(torch.nn.Module):
+    """Swin v2's `qkv_bias[length : 2 * length].zero_()`."""
+
     def forward(self, x):
         y = x * 1
-        y[:, :2].mul_(0)  # in torch, y's first two channels are now 0
+        n = x.shape[1] // 3
+        y[:, n : 2 * n].zero_()  # in torch, y's middle channel is now 0
+        y[1].mul_(2)
+        return y
+
+
+class WritesThroughAViewOfAView(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1
+        y.transpose(2, 3)[:, :2].mul_(0)  # in torch, y's first two channels are now 0
+        return y
+
+
+class WritesThroughAnInPlaceResult(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1
+        y[..., 1].mul_(2)[:, 0].add_(100)  # mul_ returns y's view: add_ changes y too
         return y
 
 
@@ -865,10 +883,15 @@ class InPlaceOnAViewAlone(torch.nn.Module):
         return y
 
 
-def test_an_in_place_op_through_a_view_is_refused_when_another_view_reads_it():
-    """A port has no shared memory: torch's write through `y[:, :2]` would be lost."""
+def test_an_in_place_op_on_a_slice_is_written_back_and_deeper_views_are_refused():
+    """A port has no shared memory: an in-place op on a slice of a tensor is written back
+    into that tensor; through a view of a view it would be lost, and is refused."""
+    desired, actual, _ = run_both(WritesThroughASlice(), X)
+    assert_close(actual, desired, what="in place on a slice")
     with pytest.raises(PortError, match=r"reads 'mul', which node 'mul_' .* changed in place"):
-        jaxbn.port(WritesThroughAView(), torch.from_numpy(X))
+        jaxbn.port(WritesThroughAViewOfAView(), torch.from_numpy(X))
+    with pytest.raises(PortError, match=r"reads 'mul', which node 'add_' .* changed in place"):
+        jaxbn.port(WritesThroughAnInPlaceResult(), torch.from_numpy(X))
     desired, actual, _ = run_both(InPlaceOnAViewAlone(), X)
     assert_close(actual, desired, what="in place on a view used alone")
 

@@ -24,6 +24,7 @@ from ..convert._layouts import LAYOUTS
 from ._layers import Layer, Variable, WithVariables, op, plain_call
 from ._module import REQUIRED, Node, Program, Ref
 from ._trace import VALUE
+from .ops import getitem, setitem
 from .ops._registry import AsLayer, Call, Unsupported, resolve, with_batch_axis
 
 
@@ -85,6 +86,8 @@ class _Draft:
     # and the nodes an in-place op changed through another view (node -> that op).
     views: dict[str, str] = dataclasses.field(default_factory=dict)
     stale: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Views that are basic slices of a tensor (``y[:, :n]``): node -> (that tensor, index).
+    slices: dict[str, tuple[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -194,11 +197,31 @@ class Interpreter:
         first = _first_ref(compiled.args)
         if view and first is not None:
             draft.views[compiled.name] = draft.views.get(first, first)
+            if compiled.target is getitem and _basic_index(compiled.args[1]):
+                draft.slices[compiled.name] = (first, compiled.args[1])
         if compiled.alias is not None:
+            written = self._write_back(compiled, draft)
             root = draft.views.get(compiled.alias, compiled.alias)
             for name in (root, *(n for n, r in draft.views.items() if r == root)):
-                if name != compiled.alias:
+                if name not in (compiled.alias, written):
                     draft.stale[name] = f"node {node.name!r} ({node.format_node()})"
+            # (its result is, in torch, the tensor it changed: a view of the same memory)
+            draft.views[compiled.name] = root
+
+    def _write_back(self, compiled: Node, draft: _Draft) -> str | None:
+        """An in-place op on a slice of a tensor (``y[:, :n].zero_()``, Swin v2's qkv
+        bias) changes that tensor in torch: the port writes the result back into it
+        (``y.at[:, :n].set(...)``) and rebinds it. Returns its name, or None where the
+        view is no plain slice of a tensor that is no view itself."""
+        found = draft.slices.get(str(compiled.alias))
+        if found is None or found[0] in draft.views:
+            return None
+        base, index = found
+        draft.nodes.append(
+            Node(f"{compiled.name}_written", "call", setitem, (Ref(base), index,
+                 Ref(compiled.name)), alias=base)
+        )  # fmt: skip
+        return base
 
     def _check_reads(self, node: Any, value: Any, draft: _Draft) -> None:
         for name in _ref_names(value):
@@ -407,6 +430,14 @@ _VIEWS = frozenset({
     "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "split", "chunk", "unbind",
     "detach", "unfold_dim", "identity",
 })  # fmt: skip
+
+
+def _basic_index(index: Any) -> bool:
+    """An index that makes a view in torch: ints, slices (sizes may bound them), None and
+    Ellipsis; not a tensor of indices or a mask (those copy) or a node whose kind the
+    graph does not tell."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
 
 
 def _ref_names(value: Any) -> list[str]:
