@@ -32,6 +32,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -115,7 +116,6 @@ def build(spec: str, **options: Any) -> Any:
             backbone_name="mobilenet_v3_large", weights=None, fpn=True
         )
     task = source.partition(".")[2]
-    module = getattr(torchvision.models, task) if task else torchvision.models
     kwargs: dict[str, Any] = {"weights": None}
     if task == "segmentation":
         kwargs["weights_backbone"] = None
@@ -123,7 +123,8 @@ def build(spec: str, **options: Any) -> Any:
         kwargs["quantize"] = False
     if name in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = False
-    return getattr(module, name)(**kwargs)
+    # (by the registered name: the quantizable models are `quantized_*` there)
+    return torchvision.models.get_model(name, **kwargs)
 
 
 # --- one model ---------------------------------------------------------------------
@@ -135,6 +136,7 @@ def inputs_to_try(spec: str) -> Iterator[tuple[dict[str, Any], list[tuple[int, .
         yield {}, [(2, 3, 4, 32, 32)]
         yield {}, [(2, 3, 16, 64, 64)]
         yield {}, [(2, 3, 16, 112, 112)]
+        yield {}, [(2, 3, 14, 224, 224)]  # S3D's last pool
         return
     if spec.startswith("torchvision.optical_flow:"):
         yield {}, [(2, 3, 128, 128), (2, 3, 128, 128)]
@@ -188,9 +190,10 @@ def check(spec: str) -> dict[str, Any]:
     tried = []
     for options, shapes in inputs_to_try(spec):
         try:
-            model = build(spec, **options).eval()
-            with torch.no_grad():
-                model(*(torch.randn(s) for s in shapes))
+            model = build(spec, **options)
+            with torch.no_grad():  # (both modes: Inception's auxiliary head needs 299x299)
+                for training in (False, True):
+                    model.train(training)(*(torch.randn(s) for s in shapes))
         except Exception as error:
             tried.append(f"{shapes}: {type(error).__name__}")
             continue
@@ -255,17 +258,30 @@ def check(spec: str) -> dict[str, Any]:
 # --- the whole sweep ---------------------------------------------------------------
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def table(results: list[dict[str, Any]], command: str) -> str:
+    import jax
+    import timm
+    import torch
+    import torchvision
+
     outcomes = ("matches", "differs", "port error", "crash", "torch fails", "timeout", "not run")
-    lines = ["# jaxbn.port catalogue sweep", ""]
+    lines = [
+        "# jaxbn.port catalogue sweep",
+        "",
+        f"`{command}`, with timm {timm.__version__}, torchvision {torchvision.__version__}, "
+        f"torch {torch.__version__}, jax {jax.__version__} on the CPU ({time.strftime('%Y-%m-%d')}; "
+        "models run at different commits of jaxbn as it grew: each row is its model's last run).",
+        "",
+    ]
     for source in ("timm", "torchvision"):
         rows = [r for r in results if r["model"].startswith(source)]
-        for bn in (True, False):
-            group = [r for r in rows if r.get("batch_norm", True) is bn]
+        for bn in (True, False, None):  # (None: not built, so not known)
+            group = [r for r in rows if r.get("batch_norm") is bn]
             counts = collections.Counter(r["outcome"] for r in group)
             summary = ", ".join(f"{counts[o]} {o}" for o in outcomes if counts[o])
-            what = "with BatchNorm" if bn else "without BatchNorm"
-            lines.append(f"- {source}, {what}: {len(group)} models: {summary}")
+            what = {True: "with BatchNorm", False: "without BatchNorm", None: "not built"}[bn]
+            if group:
+                lines.append(f"- {source}, {what}: {len(group)} models: {summary}")
     lines += [
         "",
         "Errors: the worst tensor's distance from a float64 torch run, relative to its "
@@ -341,7 +357,9 @@ def main() -> None:
         print(f"{spec}: {result['outcome']} {result.get('detail', '')[:120]}", flush=True)
     order = [spec for spec, _ in catalogue]
     ordered = [done[s] for s in order if s in done] + [r for s, r in done.items() if s not in order]
-    TABLE.write_text(table(ordered))
+    TABLE.write_text(
+        table(ordered, shlex.join(["python", "benchmarks/port_sweep.py", *sys.argv[1:]]))
+    )
 
 
 if __name__ == "__main__":
