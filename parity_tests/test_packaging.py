@@ -129,6 +129,29 @@ print("ok", y.shape)
     assert result.stdout.strip() == "ok (2, 3, 4, 4)"
 
 
+def test_jaxbn_port_is_the_call_and_the_packages_names_as_written():
+    """`jaxbn.port(model, x)` ports; `jaxbn.port.PortError` (as the README says to catch
+    it) and `jaxbn.port.without_dropout` are reachable from it, after `import jaxbn` or
+    `import jaxbn.port`, and tracebacks name the error as users catch it."""
+    code = """
+import inspect, pickle, torch
+import jaxbn.port
+from jaxbn.port import PortError, without_dropout
+assert jaxbn.port.PortError is PortError and jaxbn.port.without_dropout is without_dropout
+assert list(inspect.signature(jaxbn.port).parameters)[:2] == ["module", "example_input"]
+ported = jaxbn.port(torch.nn.Sequential(torch.nn.ReLU()), torch.zeros(1, 2))
+assert isinstance(ported, jaxbn.port.Ported)
+try:
+    jaxbn.port(torch.nn.Sequential(torch.nn.Tanhshrink()), torch.zeros(1, 2))
+except jaxbn.port.PortError as error:
+    assert pickle.loads(pickle.dumps(error)).args == error.args
+    print(type(error).__module__ + "." + type(error).__name__)
+"""
+    result = run("python", "-c", code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "jaxbn.port.PortError"
+
+
 def test_typed_package():
     assert (PACKAGE / "py.typed").exists()
 

@@ -1,14 +1,52 @@
 """torch.nn.Module -> flax.linen Module, with the torch module's own variables.
 
-torch is imported only when :func:`port` runs.
+``jaxbn.port`` is both the call and this package's names: ``jaxbn.port(model,
+x)`` ports, and ``jaxbn.port.PortError``, ``jaxbn.port.without_dropout`` and
+the rest are reachable from it as written, as from ``import jaxbn.port``.
+torch is imported only when a port runs.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ._errors import PortError as PortError
 from ._interpret import TrainAware as TrainAware
 from ._layers import Layer as Layer
 from ._module import PortedModule as PortedModule
 from ._port import Ported as Ported
-from ._port import port as port
+from ._port import port as _port_function
 from ._port import without_dropout as without_dropout
+
+
+class _Port:
+    # (the package's `port` is this object, and `jaxbn.port` with it: a call, and
+    # the package's names as attributes, which a plain function cannot carry typed)
+    __doc__ = _port_function.__doc__
+    Layer = Layer
+    PortError = PortError
+    Ported = Ported
+    PortedModule = PortedModule
+    TrainAware = TrainAware
+    without_dropout = staticmethod(without_dropout)
+
+    def __call__(
+        self,
+        module: Any,
+        example_input: Any,
+        *,
+        converters: Mapping[Any, Any] | None = None,
+        leaves: Iterable[Any] = (),
+    ) -> Ported:
+        return _port_function(module, example_input, converters=converters, leaves=leaves)
+
+    __call__.__doc__ = _port_function.__doc__
+
+    def __repr__(self) -> str:
+        return "<jaxbn.port: call it as jaxbn.port(model, example_input)>"
+
+
+port = _Port()
 
 __all__ = ["Layer", "PortError", "Ported", "PortedModule", "TrainAware", "port", "without_dropout"]
