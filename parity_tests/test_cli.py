@@ -117,14 +117,16 @@ def test_without_torch_the_commands_that_need_it_say_so(tmp_path):
     (tmp_path / "m.pt").write_bytes(b"anything")
     code = (
         "import sys; sys.modules['torch'] = None; from jaxbn import cli; "
-        "print(cli.main(['parity', '-k', '2d/']), cli.main(['inspect', sys.argv[1]]))"
+        "print(cli.main(['parity', '-k', '2d/']), cli.main(['inspect', sys.argv[1]]), "
+        "cli.main(['port', 'torchvision.models:resnet18', '--input', '1,3,8,8']))"
     )
     result = run("python", "-c", code, tmp_path / "m.pt", timeout=120)
-    assert result.stdout == "1 1\n", result.stderr
+    assert result.stdout == "1 1 1\n", result.stderr
     install = "which is not installed; install it from the checkout with: pip install -e '.[torch]'"
     assert result.stderr.splitlines() == [
         f"jaxbn: jaxbn parity compares with PyTorch, {install}",
         f"jaxbn: {tmp_path / 'm.pt'}: reading it needs PyTorch or safetensors, {install}",
+        f"jaxbn: jaxbn port reads a PyTorch model, {install}",
     ]
 
 

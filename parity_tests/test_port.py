@@ -561,6 +561,14 @@ def test_cli_reports_unsupported_ops(capsys):
         (["no_such_module:f", "--input", "1,3,8,8"], "No module named 'no_such_module'"),
         (["torchvision.models:nope", "--input", "1,3,8,8"], "has no attribute 'nope'"),
         (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
+        (  # before any work: the port and its check would take minutes
+            ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/r.msgpack"],
+            "-o nodir/r.msgpack: directory nodir does not exist; create it (mkdir -p nodir)",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "1,3,8,8", "--checkpoint", "nothere.pth"],
+            "nothere.pth: no such file; check the path",
+        ),
     ],
 )
 def test_cli_usage_errors_are_one_line(argv, message, capsys):

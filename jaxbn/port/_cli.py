@@ -82,7 +82,14 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import USAGE, CommandError, build_model
+    from ..cli import (
+        NO_TORCH,
+        USAGE,
+        CommandError,
+        build_model,
+        check_input_file,
+        check_output_file,
+    )
 
     shape = _shape(args.input)
     if not (":" in args.model and args.model.partition(":")[2]):
@@ -90,8 +97,17 @@ def _run(args: argparse.Namespace) -> int:
             f"expected MODULE:FACTORY such as torchvision.models:resnet18, got {args.model!r}",
             USAGE,
         )
+    # Paths are checked before any work (a port and its check take minutes).
+    if args.checkpoint is not None:
+        check_input_file(args.checkpoint)
+    if args.output is not None:
+        check_output_file("-o", args.output, *filter(None, [args.checkpoint]))
     import numpy as np
-    import torch
+
+    try:
+        import torch
+    except ImportError:
+        raise CommandError(f"jaxbn port reads a PyTorch model, {NO_TORCH}") from None
 
     # The same command, the same report: the factory's random init is seeded.
     torch.manual_seed(args.seed)
