@@ -378,6 +378,9 @@ def build_model(spec: str) -> Any:
     import importlib
 
     module_name, _, function = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # (the working directory importable, as `python -c` and `python -m` have it)
+        sys.path.insert(0, os.getcwd())
     try:
         factory: Any = importlib.import_module(module_name)
         for part in function.split("."):
@@ -387,12 +390,18 @@ def build_model(spec: str) -> Any:
             f"cannot build {spec}: {error}; check the names (python -c 'import {module_name}')",
             USAGE,
         ) from None
+    is_class = isinstance(factory, type)
     try:
-        model = factory if hasattr(factory, "state_dict") else factory()
+        model = factory if hasattr(factory, "state_dict") and not is_class else factory()
     except TypeError as error:
+        what = (
+            f"{spec} is a class whose constructor needs arguments ({error})"
+            if is_class
+            else f"cannot build {spec}: {error}"
+        )
         raise CommandError(
-            f"cannot build {spec}: {error}; give a function that builds the model with no "
-            "arguments",
+            f"{what}; give a function that builds the model with no arguments, such as "
+            "torchvision.models:resnet18",
             USAGE,
         ) from None
     if not hasattr(model, "state_dict"):

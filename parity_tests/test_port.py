@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import pathlib
 import re
+import sys
 from typing import Any, cast
 
 import flax.linen as nn
@@ -25,7 +27,14 @@ from jaxbn._torch import to_numpy
 from jaxbn.convert import load_variables
 from jaxbn.port import PortError, TrainAware, without_dropout
 
-from .helpers import assert_close, assert_sample_matches, fast_lane, jaxbn_here, readme_sample
+from .helpers import (
+    assert_close,
+    assert_sample_matches,
+    fast_lane,
+    jaxbn_here,
+    readme_sample,
+    run,
+)
 
 
 def run_both(model: torch.nn.Module, x: np.ndarray, *, train: bool = False, **options):
@@ -561,6 +570,10 @@ def test_cli_reports_unsupported_ops(capsys):
         (["no_such_module:f", "--input", "1,3,8,8"], "No module named 'no_such_module'"),
         (["torchvision.models:nope", "--input", "1,3,8,8"], "has no attribute 'nope'"),
         (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
+        (
+            ["torchvision.models:ResNet", "--input", "1,3,8,8"],
+            "torchvision.models:ResNet is a class whose constructor needs arguments (",
+        ),
         (  # before any work: the port and its check would take minutes
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/r.msgpack"],
             "-o nodir/r.msgpack: directory nodir does not exist; create it (mkdir -p nodir)",
@@ -577,6 +590,21 @@ def test_cli_usage_errors_are_one_line(argv, message, capsys):
     assert err.startswith("jaxbn: ")
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_imports_from_the_working_directory_and_builds_a_class(tmp_path):
+    """`jaxbn port mymodels:Net` beside mymodels.py, as `python -c 'import mymodels'` does;
+    a module class with a constructor that needs nothing is its own factory."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))\n"
+    )
+    jaxbn_command = pathlib.Path(sys.executable).with_name("jaxbn")
+    result = run(jaxbn_command, "port", "mymodels:Net", "--input", "2,3,8,8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ported mymodels:Net: params 4 arrays")
 
 
 def test_train_aware_converter_gets_the_flag():
