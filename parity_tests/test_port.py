@@ -592,6 +592,22 @@ def test_cli_usage_errors_are_one_line(argv, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cli_says_in_one_line_how_a_checkpoint_does_not_fit(tmp_path, capsys):
+    state = torchvision.models.resnet18(weights=None, num_classes=10).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["layer1.0.bn1.running_mean"]
+    torch.save(state, tmp_path / "ten.pth")
+    code, _, err = jaxbn_here(capsys, "port", "torchvision.models:resnet18", "--input",
+                              "2,3,8,8", "--checkpoint", tmp_path / "ten.pth")  # fmt: skip
+    assert code == 1
+    assert err.splitlines() == [
+        f"jaxbn: {tmp_path / 'ten.pth'} does not fit torchvision.models:resnet18: keys: 1 "
+        "missing (layer1.0.bn1.running_mean); 1 unexpected (extra.weight); 2 of another shape "
+        "(fc.weight: checkpoint [10, 512], model [1000, 512], fc.bias: checkpoint [10], model "
+        "[1000]); build the checkpoint's architecture (its number of classes, its variant)"
+    ]
+
+
 def test_cli_imports_from_the_working_directory_and_builds_a_class(tmp_path):
     """`jaxbn port mymodels:Net` beside mymodels.py, as `python -c 'import mymodels'` does;
     a module class with a constructor that needs nothing is its own factory."""

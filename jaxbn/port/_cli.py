@@ -123,6 +123,12 @@ def _run(args: argparse.Namespace) -> int:
         except CheckpointError as error:
             print(f"jaxbn: {error}", file=sys.stderr)
             return 1
+        misfit = _misfit(state, model.state_dict())
+        if misfit:
+            print(f"jaxbn: {args.checkpoint} does not fit {args.model}: {misfit}; build the "
+                  "checkpoint's architecture (its number of classes, its variant)",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
@@ -170,6 +176,28 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _misfit(state: dict[str, Any], expected: dict[str, Any], few: int = 3) -> str:
+    """One line for a checkpoint whose keys or shapes are not the model's ('' if they
+    are), naming a few of each: torch's own message lists every key."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {list(state[k].shape)}, model {list(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(found)} {what} ({', '.join(found[:few])}{', ...' if len(found) > few else ''})"
+        for what, found in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of another shape", shapes),
+        )
+        if found
+    ]
+    return "keys: " + "; ".join(parts) if parts else ""
+
+
 def _count(variables: dict[str, Any]) -> str:
     import jax
 
@@ -179,7 +207,7 @@ def _count(variables: dict[str, Any]) -> str:
         parts.append(
             f"{collection} {len(leaves)} arrays, {sum(leaf.size for leaf in leaves):,} values"
         )
-    return "; ".join(parts)
+    return "keys: " + "; ".join(parts) if parts else ""
 
 
 def _around_first(rows: list[str]) -> list[str]:
