@@ -207,7 +207,7 @@ def _count(variables: dict[str, Any]) -> str:
         parts.append(
             f"{collection} {len(leaves)} arrays, {sum(leaf.size for leaf in leaves):,} values"
         )
-    return "keys: " + "; ".join(parts) if parts else ""
+    return "; ".join(parts)
 
 
 def _around_first(rows: list[str]) -> list[str]:
