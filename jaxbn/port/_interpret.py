@@ -88,6 +88,8 @@ class _Draft:
     stale: dict[str, str] = dataclasses.field(default_factory=dict)
     # Views that are basic slices of a tensor (``y[:, :n]``): node -> (that tensor, index).
     slices: dict[str, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+    # The torch paths of the modules the graph calls.
+    called: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -101,7 +103,7 @@ class Interpreter:
     ops: dict[str, None] = dataclasses.field(default_factory=dict)  # registry ops used, in order
 
     def compile(self, graph: Any) -> Program:
-        draft = _Draft()
+        draft = _Draft(called=frozenset(n.target for n in graph.nodes if n.op == "call_module"))
         for node in graph.nodes:
             getattr(self, node.op)(node, draft)
         return Program(
@@ -146,11 +148,7 @@ class Interpreter:
             return
         # (a layer the forward never calls declares nothing: its tensor is then declared
         # where it is read, as EVA's attention reads its qkv Linear's weight alone)
-        in_layer = (
-            owner is not self.root
-            and self.is_leaf(owner)
-            and any(n.op == "call_module" and n.target == prefix for n in node.graph.nodes)
-        )
+        in_layer = owner is not self.root and self.is_leaf(owner) and prefix in draft.called
         draft.nodes.append(Node(node.name, "variable", (*found, in_layer)))
 
     def call_module(self, node: Any, draft: _Draft) -> None:

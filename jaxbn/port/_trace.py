@@ -63,13 +63,13 @@ def trace(
         graph.output(graph.call_module("", (graph.placeholder("input"),)))
         return {True: graph, False: graph}
     graphs = {}
+    nones = _none_arguments(module, inputs, keywords or {})
     for training in (True, False):
         # Each trace starts from the module as it was (a cache the train trace filled
         # would hand the eval trace the train trace's proxies).
         with _restored(module):
             module.train(training)
             tracer = _tracer_class()(is_leaf, inputs, keywords or {}, autowrap)
-            nones = _none_arguments(module, inputs, keywords or {})
             try:
                 with torch.no_grad(), _recorded_factories(tracer), _traced_through(autowrap):
                     graphs[training] = tracer.trace(module, concrete_args=nones or None)
@@ -380,12 +380,13 @@ def _make_tracer() -> type:
             """The size-derived value of ``proxy``, guarded; an error for a tensor's data."""
             node = proxy.node
             value = self.value(node)
-            failed = next((a.meta[_ERROR] for a in self.graph.nodes if _ERROR in a.meta), None)
-            if value is _UNKNOWN and failed is not None:
-                raise TraceError(
-                    f"{self._where(kind)} needs a Python value, and the example input does "
-                    f"not run through the forward before it: {failed}"
-                )
+            if value is _UNKNOWN:
+                failed = next((a.meta[_ERROR] for a in self.graph.nodes if _ERROR in a.meta), None)
+                if failed is not None:
+                    raise TraceError(
+                        f"{self._where(kind)} needs a Python value, and the example input "
+                        f"does not run through the forward before it: {failed}"
+                    )
             # (the length of a tuple is sizes alone, whatever it holds: chunk's pieces)
             sized = kind == "len" and isinstance(value, (tuple, list))
             if value is _UNKNOWN or not (node.meta.get(_STATIC, False) or sized):
