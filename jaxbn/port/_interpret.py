@@ -22,7 +22,7 @@ from .._torch import to_numpy
 from ..convert import inspect as plan
 from ..convert._layouts import LAYOUTS
 from ._layers import Layer, Variable, WithVariables, op, plain_call
-from ._module import REQUIRED, Node, Program, Ref
+from ._module import REQUIRED, Node, Program, Ref, ref_names
 from ._trace import VALUE
 from .ops import getitem, setitem
 from .ops._registry import AsLayer, Call, Unsupported, resolve, with_batch_axis
@@ -105,7 +105,10 @@ class Interpreter:
     def compile(self, graph: Any) -> Program:
         draft = _Draft(called=frozenset(n.target for n in graph.nodes if n.op == "call_module"))
         for node in graph.nodes:
+            start = len(draft.nodes)
             getattr(self, node.op)(node, draft)
+            scope = _scope(node)
+            draft.nodes[start:] = [dataclasses.replace(n, scope=scope) for n in draft.nodes[start:]]
         return Program(
             tuple(draft.inputs),
             tuple(draft.defaults),
@@ -222,7 +225,7 @@ class Interpreter:
         return base
 
     def _check_reads(self, node: Any, value: Any, draft: _Draft) -> None:
-        for name in _ref_names(value):
+        for name in ref_names(value):
             if name in draft.stale:
                 self.problems.append(
                     f"{_where(node)}: reads {name!r}, which {draft.stale[name]} changed in "
@@ -438,17 +441,13 @@ def _basic_index(index: Any) -> bool:
     return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
 
 
-def _ref_names(value: Any) -> list[str]:
-    """The names of the nodes ``value`` (arguments, an output) refers to."""
-    if isinstance(value, Ref):
-        return [value.name]
-    if isinstance(value, (tuple, list)):
-        return [name for item in value for name in _ref_names(item)]
-    if isinstance(value, dict):
-        return [name for item in value.values() for name in _ref_names(item)]
-    if isinstance(value, slice):
-        return _ref_names((value.start, value.stop, value.step))
-    return []
+def _scope(node: Any) -> tuple[tuple[str, str], ...]:
+    """(torch path, qualified class name) of the modules whose forward runs ``node``, outermost
+    first; a leaf module's own call is not one of them."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if node.op == "call_module" and stack and stack[-1][0] == node.target:
+        stack.pop()
+    return tuple((str(path), f"{cls.__module__}.{cls.__qualname__}") for path, cls in stack)
 
 
 def _where(node: Any) -> str:

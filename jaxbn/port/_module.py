@@ -48,6 +48,9 @@ class Node:
     layer) or 'constant'.
     ``alias`` names an input that torch mutates in place (``inplace=True``,
     ``add_``): later nodes see this node's result under that name too.
+    ``scope`` is (torch path, qualified class name) of each module whose forward the
+    node runs in, outermost first (the root's own forward: empty): what the
+    generated source's classes are cut along.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Node:
     kwargs: tuple[tuple[str, Any], ...] = ()
     train_aware: bool = False
     alias: str | None = None
+    scope: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,19 @@ def resolve(value: Any, env: Mapping[str, Any]) -> Any:
     return value
 
 
+def ref_names(value: Any) -> list[str]:
+    """The names of the nodes ``value`` (arguments, an output) refers to."""
+    if isinstance(value, Ref):
+        return [value.name]
+    if isinstance(value, (tuple, list)):
+        return [name for item in value for name in ref_names(item)]
+    if isinstance(value, dict):
+        return [name for item in value.values() for name in ref_names(item)]
+    if isinstance(value, slice):
+        return ref_names((value.start, value.stop, value.step))
+    return []
+
+
 class PortedModule(nn.Module):
     """A torch module's forward, as Flax.
 
@@ -104,6 +121,7 @@ class PortedModule(nn.Module):
     layers: tuple[tuple[str, Layer], ...]
     # the example input(s) it was traced on: (shape, dtype name) each
     example: tuple[tuple[tuple[int, ...], str], ...] = ()
+    torch_class: str = "Model"  # the torch module's qualified class name
 
     @nn.compact
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:

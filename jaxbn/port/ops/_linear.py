@@ -185,7 +185,7 @@ def conv_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
             m.padding_mode,
             dtype_of(m.weight),
             m.transposed,
-            tuple(m.output_padding),
+            tuple(m.output_padding) if m.transposed else (),
         ),
         plain_call,
     )
@@ -321,11 +321,15 @@ def conv2d_same_layer(m: Any, child: Callable[[str], Layer]) -> Layer:
     """timm's ``Conv2dSame``: TensorFlow 'SAME' padding from the input's size, then a conv."""
     inner = conv_layer(m, child)
     k, s, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    return Layer(inner.make, functools.partial(same_padding_call, k, s, dil))
 
-    def call(module: Any, train: bool, x: Any) -> Any:
-        return module(pad_same(x, k, s, dil))
 
-    return Layer(inner.make, call)
+def same_padding_call(
+    kernel_size: Any, stride: Any, dilation: Any, module: Any, train: bool, x: Any
+) -> Any:
+    """Call a convolution after TensorFlow 'SAME' padding of ``x`` (timm's ``Conv2dSame``)."""
+    del train
+    return module(pad_same(x, kernel_size, stride, dilation))
 
 
 @register(
