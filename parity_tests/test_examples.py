@@ -28,8 +28,39 @@ def script(name: str, *args: str, cwd: pathlib.Path) -> list[str]:
 
 def test_every_example_is_run_here():
     # multi_process runs in test_multiprocess.py.
-    tested = {"train_cnn", "data_parallel", "resnet", "port_resnet", "multi_process", "port_any"}
+    tested = {
+        "train_cnn", "data_parallel", "resnet", "port_resnet", "multi_process", "port_any",
+        "leave_torch",
+    }  # fmt: skip
     assert tested == {path.stem for path in EXAMPLES.glob("*.py")}
+
+
+@pytest.mark.slow
+def test_leave_torch_saves_with_torch_and_trains_without(tmp_path):
+    lines = script("leave_torch", "save", "port", cwd=tmp_path)
+    assert re.fullmatch(
+        r"saved port/: model.py \(\d+ lines\), variables.msgpack, port.json", lines[0]
+    )
+    assert lines[1] == "exported port/model.jaxexport"
+    # The second half where `import torch` fails, as on a machine without it.
+    result = run(
+        "python", "-m", "parity_tests._without_torch", "--script",
+        EXAMPLES / "leave_torch.py", "train", tmp_path / "port", "--steps", "5",
+        timeout=900, cwd=EXAMPLES.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "nnx model equals the loaded port in eval: True"
+    trained = re.fullmatch(
+        r"nnx training loss (\S+) -> (\S+) over 5 steps; num_batches_tracked 5", lines[1]
+    )
+    assert trained is not None, lines
+    assert float(trained[2]) < 0.5 * float(trained[1])
+    assert re.fullmatch(
+        r"exported eval at batch 3: shape \(3, 10\), largest difference from the port \S+",
+        lines[2],
+    )
+    assert float(lines[2].rsplit(" ", 1)[1]) < 1e-5
 
 
 @pytest.mark.slow

@@ -131,13 +131,15 @@ print("ok", y.shape)
 
 def test_jaxbn_port_is_the_call_and_the_packages_names_as_written():
     """`jaxbn.port(model, x)` ports; `jaxbn.port.PortError` (as the README says to catch
-    it) and `jaxbn.port.without_dropout` are reachable from it, after `import jaxbn` or
-    `import jaxbn.port`, and tracebacks name the error as users catch it."""
+    it), `jaxbn.port.without_dropout`, `jaxbn.port.load` and `load_exported` are
+    reachable from it, after `import jaxbn` or `import jaxbn.port`, and tracebacks name
+    the error as users catch it."""
     code = """
 import inspect, pickle, torch
 import jaxbn.port
-from jaxbn.port import PortError, without_dropout
+from jaxbn.port import PortError, load, load_exported, without_dropout
 assert jaxbn.port.PortError is PortError and jaxbn.port.without_dropout is without_dropout
+assert jaxbn.port.load is load and jaxbn.port.load_exported is load_exported
 assert list(inspect.signature(jaxbn.port).parameters)[:2] == ["module", "example_input"]
 ported = jaxbn.port(torch.nn.Sequential(torch.nn.ReLU()), torch.zeros(1, 2))
 assert isinstance(ported, jaxbn.port.Ported)

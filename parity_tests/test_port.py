@@ -521,6 +521,24 @@ def test_cli_ports_checks_and_writes(tmp_path, capsys):
     assert jax.tree.structure(variables) == jax.tree.structure(expected)
 
 
+def test_cli_saves_a_port_directory_and_an_exported_program(tmp_path, capsys):
+    saved, exported = tmp_path / "saved", tmp_path / "model.jaxexport"
+    argv = ["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"]
+    code, printed, _ = jaxbn_here(capsys, *argv, "-o", saved, "--export", exported)
+    assert code == 0, printed
+    assert f"saved the port to {saved}/ (model.py, variables.msgpack, port.json)" in printed
+    assert f"wrote {exported} (eval and training programs, any batch size)" in printed
+    loaded = jaxbn.port.load(saved)
+    expected = jaxbn.from_torch(tiny_cnn())
+    assert jax.tree.structure(loaded.variables) == jax.tree.structure(expected)
+    x = np.ones((2, 3, 12, 12), np.float32)
+    programs = jaxbn.port.load_exported(exported)
+    np.testing.assert_array_equal(
+        programs.eval.call(programs.variables, x),
+        loaded.module.apply(loaded.variables, x, train=False),
+    )
+
+
 @pytest.mark.slow
 def test_cli_runs_as_the_readme_shows(tmp_path, capsys):
     """Both samples, in this process: the second run compiles nothing new.
@@ -577,6 +595,19 @@ def test_cli_reports_unsupported_ops(capsys):
         (  # before any work: the port and its check would take minutes
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/r.msgpack"],
             "-o nodir/r.msgpack: directory nodir does not exist; create it (mkdir -p nodir)",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/saved"],
+            "-o cannot write nodir/saved: its parent directory nodir does not exist (create "
+            "it: mkdir -p nodir)",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "pyproject.toml"],
+            "-o pyproject.toml is a file; save a port to a directory",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "1,3,8,8", "--export", "nodir/m.jax"],
+            "--export nodir/m.jax: directory nodir does not exist; create it",
         ),
         (
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "--checkpoint", "nothere.pth"],

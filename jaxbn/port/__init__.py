@@ -12,12 +12,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._errors import PortError as PortError
+from ._export import Exported as Exported
+from ._export import load as load_exported
 from ._interpret import TrainAware as TrainAware
 from ._layers import Layer as Layer
 from ._module import PortedModule as PortedModule
 from ._port import Ported as Ported
 from ._port import port as _port_function
 from ._port import without_dropout as without_dropout
+from ._saved import load as load
 
 
 class _Port:
@@ -30,6 +33,9 @@ class _Port:
     PortedModule = PortedModule
     TrainAware = TrainAware
     without_dropout = staticmethod(without_dropout)
+    load = staticmethod(load)
+    load_exported = staticmethod(load_exported)
+    Exported = Exported
 
     def __call__(
         self,
@@ -49,4 +55,15 @@ class _Port:
 
 port = _Port()
 
-__all__ = ["Layer", "PortError", "Ported", "PortedModule", "TrainAware", "port", "without_dropout"]
+__all__ = [
+    "Exported",
+    "Layer",
+    "PortError",
+    "Ported",
+    "PortedModule",
+    "TrainAware",
+    "load",
+    "load_exported",
+    "port",
+    "without_dropout",
+]

@@ -21,8 +21,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "in eval, and in one training step (outputs, every parameter gradient and "
             "running statistic; dropout probabilities set to 0, as random masks "
             "differ), each against torch in float64 next to torch's own float32. "
-            "Prints the first divergence and exits 1 if there is one; writes the "
-            "variables (Flax msgpack) to -o."
+            "Prints the first divergence and exits 1 if there is one. -o DIR saves "
+            "the port to a directory (generated Flax source, variables, metadata) "
+            "that jaxbn.port.load reads where torch is not installed; -o FILE.msgpack "
+            "writes the variables alone; --export FILE the exported eval and "
+            "training programs (jax alone runs them)."
         ),
     )
     parser.add_argument("model", metavar="MODULE:FACTORY")
@@ -30,7 +33,21 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--input", required=True, metavar="N,C,H,W", help="input shape, e.g. 1,3,224,224"
     )
     parser.add_argument("--checkpoint", type=pathlib.Path, metavar="FILE")
-    parser.add_argument("-o", "--output", type=pathlib.Path, metavar="VARS")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=pathlib.Path,
+        metavar="DIR|FILE.msgpack",
+        help="a directory to save the port to (model.py, variables.msgpack, port.json; "
+        "load it with jaxbn.port.load), or a .msgpack file for the variables alone",
+    )
+    parser.add_argument(
+        "--export",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="write the eval function and the training step as jax.export programs "
+        "(any batch size) with the variables; needs flatbuffers: pip install 'jaxbn[export]'",
+    )
     parser.add_argument(
         "--factor",
         type=float,
@@ -100,8 +117,20 @@ def _run(args: argparse.Namespace) -> int:
     # Paths are checked before any work (a port and its check take minutes).
     if args.checkpoint is not None:
         check_input_file(args.checkpoint)
-    if args.output is not None:
+    if args.output is not None and args.output.suffix == ".msgpack":
         check_output_file("-o", args.output, *filter(None, [args.checkpoint]))
+    elif args.output is not None:
+        _check_directory(args.output)
+    if args.export is not None:
+        check_output_file("--export", args.export, *filter(None, [args.checkpoint]))
+        try:
+            import flatbuffers  # noqa: F401  (jax.export's serialisation)
+        except ImportError:
+            raise CommandError(
+                "--export needs flatbuffers to write jax.export programs: "
+                "pip install 'jaxbn[export]'",
+                USAGE,
+            ) from None
     import numpy as np
 
     try:
@@ -170,10 +199,37 @@ def _run(args: argparse.Namespace) -> int:
             rows = report.table().splitlines()
             print("\n".join(rows if args.table else _around_first(rows)))
         failed |= not report.ok
-    if args.output is not None:
+    if args.output is not None and args.output.suffix == ".msgpack":
         save_variables(args.output, ported.variables)
         print(f"\nwrote {args.output}")
+    elif args.output is not None:
+        try:
+            ported.save(args.output)
+        except PortError as error:  # (source the port cannot write: a converter of one's own)
+            print(f"jaxbn: {error}", file=sys.stderr)
+            return 1
+        print(f"\nsaved the port to {args.output}/ (model.py, variables.msgpack, port.json)")
+    if args.export is not None:
+        try:
+            ported.export(args.export)
+        except PortError as error:
+            print(f"jaxbn: {error}", file=sys.stderr)
+            return 1
+        print(f"\nwrote {args.export} (eval and training programs, any batch size)")
     return 1 if failed else 0
+
+
+def _check_directory(path: pathlib.Path) -> None:
+    """Refuse a directory -o cannot save a port to, before any work."""
+    from ..cli import USAGE, CommandError
+    from ._errors import PortError
+    from ._saved import check_directory
+
+    try:
+        check_directory(path)
+    except PortError as error:
+        message = str(error).removeprefix("jaxbn.port: ")
+        raise CommandError(f"-o {message}", USAGE) from None
 
 
 def _misfit(state: dict[str, Any], expected: dict[str, Any], few: int = 3) -> str:

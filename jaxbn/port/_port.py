@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import sys
 import types
 import warnings
 from collections.abc import Iterable, Mapping
@@ -26,7 +29,9 @@ class Ported:
 
     Attributes:
       module: the ``flax.linen.Module``; call it as the torch forward, plus
-        ``train``.
+        ``train``. Right after a port it runs the traced graph
+        (:class:`PortedModule`); after :func:`jaxbn.port.load`, it is the
+        generated class of the saved ``model.py``.
       variables: ``{'params': ..., 'batch_stats': ...}`` at the torch module
         paths, equal to ``jaxbn.from_torch(torch_module)``.
       ops: the names of the :mod:`jaxbn.port.ops` the port calls (a torch
@@ -36,13 +41,87 @@ class Ported:
         detection backbone's frozen stem). JAX differentiates every
         parameter; to train as torch does, leave these out of the update
         (``optax.masked``).
+      info: where it came from: the torch class (``'torch_class'``), the
+        example input(s) (``'inputs'``: shape and dtype each) and the versions
+        of torch, torchvision and timm it was ported with (those imported).
     """
 
-    module: PortedModule
+    module: Any
     variables: dict[str, Any]
     ops: tuple[str, ...] = ()  # the jaxbn.port.ops it calls, in the order first met
     # Flax paths of the parameters torch does not train (requires_grad=False)
     frozen: tuple[tuple[str, ...], ...] = ()
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def source(self) -> str:
+        """The model as Flax source that imports jax, flax, numpy and jaxbn only.
+
+        One ``flax.linen`` class per traced torch class, named after it (the
+        instances that differ only in numbers share one class, with those
+        numbers as fields), leaf modules at their torch attribute names (the
+        variables are :attr:`variables`, so :func:`jaxbn.to_torch` loads them
+        into the torch model), every setting a state dict does not carry
+        (eps, momentum, strides, padding) a literal, and ``train`` explicit.
+        Formatted with ``ruff format`` where ruff is installed. It is yours to
+        edit: replace a head, freeze a stage, and keep training.
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> text = port(model, torch.zeros(2, 3, 8, 8)).source()
+        >>> print(text[text.index("    @nn.compact") :])
+            @nn.compact
+            def __call__(self, input, train: bool = False):
+                conv = layers.Conv(
+                    3, 4, (3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), groups=1, name="0"
+                )(input)
+                batch_norm2d = jaxbn.BatchNorm2d(
+                    num_features=4, momentum=0.1, eps=1e-05, name="1"
+                )(conv, use_running_average=not train)
+                return batch_norm2d
+        <BLANKLINE>
+
+        Raises:
+          PortError: the port calls something with no public name (a converter
+            of your own): the ported module still runs, but has no source.
+        """
+        from ._source import source
+
+        if isinstance(self.module, PortedModule):
+            return source(self.module)
+        import inspect
+
+        return inspect.getsource(inspect.getmodule(type(self.module)))  # type: ignore[arg-type]
+
+    def save(self, directory: str | os.PathLike[str]) -> pathlib.Path:
+        """Write the port to ``directory`` (created if missing; its parent must exist):
+        ``model.py`` (:meth:`source`), ``variables.msgpack`` (both collections) and
+        ``port.json`` (versions, torch class, example input, ops, frozen
+        parameters). :func:`jaxbn.port.load` reads it back where torch is not
+        installed. Returns the directory."""
+        from ._saved import check_directory, save
+
+        check_directory(directory)
+        return save(self, directory, self.source())
+
+    def export(self, file: str | os.PathLike[str] | None = None) -> Any:
+        """The eval function and the training step as ``jax.export`` programs that take
+        any batch size, written to ``file`` when given (see :mod:`jaxbn.port._export`
+        for the format, loaded with jax alone or :func:`jaxbn.port.load_exported`).
+
+        Returns ``Exported(eval, train, variables)``: ``eval.call(variables, *inputs)``
+        gives the outputs; ``train.call(variables, *inputs, jax.random.key(0))`` the
+        outputs and the updated ``batch_stats`` of a training step. Writing a file
+        needs flatbuffers (``pip install 'jaxbn[export]'``).
+        """
+        from ._export import export, write
+
+        inputs = [(tuple(shape), dtype) for shape, dtype in self.info.get("inputs", ())]
+        if not inputs:
+            raise PortError("jaxbn.port: this port does not record its input shapes to export")
+        exported = export(self, inputs)
+        if file is not None:
+            write(exported, file)
+        return exported
 
 
 def port(
@@ -150,12 +229,22 @@ def port(
         example=tuple(
             (x.shape, x.dtype.name) for x in [*args, *kwargs.values()] if isinstance(x, np.ndarray)
         ),
+        torch_class=f"{type(module).__module__}.{type(module).__qualname__}",
     )
     variables = _variables(flax_module, module, args, kwargs)
     frozen = tuple(
         interpreter.flax_key(name) for name, p in module.named_parameters() if not p.requires_grad
     )
-    return Ported(flax_module, variables, tuple(interpreter.ops), frozen)
+    info = {
+        "torch_class": flax_module.torch_class,
+        "inputs": [[list(shape), dtype] for shape, dtype in flax_module.example],
+        **{
+            library: sys.modules[library].__version__
+            for library in ("torch", "torchvision", "timm")
+            if library in sys.modules
+        },
+    }
+    return Ported(flax_module, variables, tuple(interpreter.ops), frozen, info)
 
 
 def _refuse_shared_tensors(module: Any) -> None:
