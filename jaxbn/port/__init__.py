@@ -8,6 +8,7 @@ torch is imported only when a port runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,7 +21,29 @@ from ._module import PortedModule as PortedModule
 from ._port import Ported as Ported
 from ._port import port as _port_function
 from ._port import without_dropout as without_dropout
-from ._saved import load as load
+from ._saved import read as _read
+
+
+def load(directory: str | os.PathLike[str]) -> Ported:
+    """A port saved with :meth:`Ported.save`, where torch need not be installed.
+
+    Imports the directory's ``model.py`` (that runs the file, as any import does:
+    load only directories you trust) and reads its variables.
+
+    >>> ported = jaxbn.port.load("resnet18-port")  # doctest: +SKIP
+    >>> y = ported.module.apply(ported.variables, x, train=False)  # doctest: +SKIP
+
+    Returns:
+      :class:`Ported`: ``module`` (the generated class), ``variables`` (jax
+      arrays), ``ops``, ``frozen`` and ``info`` (the versions and the torch
+      class it was ported from, the example input).
+
+    Raises:
+      PortError: the directory is not a saved port, or was written by a jaxbn
+        whose generated code this one may not run (the message names both
+        versions).
+    """
+    return Ported(*_read(directory))
 
 
 class _Port:

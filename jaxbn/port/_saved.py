@@ -7,7 +7,7 @@
 - ``port.json``: the versions it was ported with, the torch class, the
   example input's shape and dtype, the ops it calls and its frozen parameters.
 
-:func:`load` imports ``model.py`` and reads the variables back: it needs jax,
+:func:`jaxbn.port.load` imports ``model.py`` and reads the variables back: it needs jax,
 flax, numpy and jaxbn, not torch.
 """
 
@@ -82,27 +82,9 @@ def _root_class(source: str) -> str:
     return names[-1]
 
 
-def load(directory: str | os.PathLike[str]) -> Any:
-    """A port saved with :meth:`jaxbn.port.Ported.save`, where torch need not be installed.
-
-    Imports the directory's ``model.py`` (that runs the file, as any import does:
-    load only directories you trust) and reads its variables.
-
-    >>> import jaxbn
-    >>> ported = jaxbn.port.load(directory)  # doctest: +SKIP
-    >>> y = ported.module.apply(ported.variables, x, train=False)  # doctest: +SKIP
-
-    Returns:
-      :class:`jaxbn.port.Ported`: ``module`` (the generated class), ``variables``
-      (jax arrays), ``ops``, ``frozen`` and ``info`` (the versions and the torch
-      class it was ported from, the example input).
-
-    Raises:
-      PortError: the directory is not a saved port, or was written by a jaxbn whose
-        generated code this one does not run (the message names both versions).
-    """
-    from ._port import Ported
-
+def read(directory: str | os.PathLike[str]) -> tuple[Any, ...]:
+    """A saved port's fields: (module, variables, ops, frozen, info); see
+    :func:`jaxbn.port.load`, which makes them a :class:`jaxbn.port.Ported`."""
     path = Path(directory)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
@@ -131,13 +113,8 @@ def load(directory: str | os.PathLike[str]) -> Any:
         )
     variables = jax.tree.map(jnp.asarray, load_variables(path / "variables.msgpack"))
     info = {k: v for k, v in meta.items() if k not in ("ops", "frozen", "format", "class")}
-    return Ported(
-        cls(),
-        variables,
-        tuple(meta.get("ops", ())),
-        tuple(tuple(key) for key in meta.get("frozen", ())),
-        info,
-    )
+    frozen = tuple(tuple(key) for key in meta.get("frozen", ()))
+    return cls(), variables, tuple(meta.get("ops", ())), frozen, info
 
 
 def _import(file: Path) -> Any:
