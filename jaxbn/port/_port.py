@@ -100,8 +100,8 @@ class Ported:
         installed. Returns the directory."""
         from ._saved import check_directory, save
 
-        check_directory(directory)
-        return save(self, directory, self.source())
+        path = check_directory(directory)  # (before the source is generated)
+        return save(self, path, self.source())
 
     def export(self, file: str | os.PathLike[str] | None = None) -> Any:
         """The eval function and the training step as ``jax.export`` programs that take

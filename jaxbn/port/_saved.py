@@ -58,9 +58,9 @@ def check_directory(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def save(ported: Any, directory: str | os.PathLike[str], source: str) -> Path:
-    """Write ``ported`` (with its generated ``source``) to ``directory``."""
-    path = check_directory(directory)
+def save(ported: Any, path: Path, source: str) -> Path:
+    """Write ``ported`` (with its generated ``source``) to ``path``, which
+    :func:`check_directory` returned."""
     path.mkdir(exist_ok=True)
     meta = {
         "format": FORMAT,

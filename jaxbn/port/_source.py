@@ -56,6 +56,7 @@ _IMPORTS = {
     "ops": "",
 }
 _RESERVED = frozenset({*_IMPORTS, "self", "train", "jax"})
+_BUILTINS = frozenset(dir(builtins))
 
 
 _INLINE = 64  # constant arrays with more elements are written packed (zlib, base64)
@@ -261,7 +262,7 @@ class _Body:
         """A fresh local name from ``base`` (a builtin's name only where ``builtin``:
         the forward's own parameter names, which callers may pass by keyword)."""
         base = _identifier(base)
-        if keyword.iskeyword(base) or base in _RESERVED or (base in dir(builtins) and not builtin):
+        if keyword.iskeyword(base) or base in _RESERVED or (base in _BUILTINS and not builtin):
             base += "_"
         name, n = base, 1
         while name in self.taken:
@@ -386,12 +387,7 @@ class _Body:
                 return f"{_spelling(fn.func)}({', '.join([*inputs, *keywords, *extra])})"
             if _spelling(fn) is not None:
                 return f"{_spelling(fn)}({', '.join([*inputs, *extra])})"
-        module = self.construct(make, path, label)
-        if calls[path] > 1:  # called more than once: one module, bound once
-            if path not in self.bound:
-                self.bound[path] = self.local(f"{label}_module")
-                self.lines.append(f"{self.bound[path]} = {module}")
-            module = self.bound[path]
+        module = self.once(path, label, self.construct(make, path, label), calls)
         if call is plain_call:
             return f"{module}({', '.join(inputs)})"
         if call is train_call:
@@ -402,6 +398,16 @@ class _Body:
             prefix = [self.module.literal(a) for a in call.args]
             return f"{_spelling(call.func)}({', '.join([*prefix, module, 'train', *inputs])})"
         raise _Unrenderable(call)
+
+    def once(self, path: str, label: str, constructor: str, calls: dict[str, int]) -> str:
+        """A module the body calls more than once is constructed once, bound to a name
+        (Flax names a submodule once per call); else ``constructor`` itself."""
+        if calls[path] == 1:
+            return constructor
+        if path not in self.bound:
+            self.bound[path] = self.local(f"{label}_module")
+            self.lines.append(f"{self.bound[path]} = {constructor}")
+        return self.bound[path]
 
     def construct(self, make: Any, path: str, label: str) -> str:
         """A leaf module's constructor: its class, its non-default settings, its place."""
@@ -449,11 +455,7 @@ class _Body:
             self.holes.append(value)
             self.names.append([f"\x01{group}:{j}:{label}"])
         constructor = f"\x01{group}:{start}\x01{self.place(child.path)})"
-        if calls[child.path] > 1:
-            if child.path not in self.bound:
-                self.bound[child.path] = self.local(f"{label}_module")
-                self.lines.append(f"{self.bound[child.path]} = {constructor}")
-            constructor = self.bound[child.path]
+        constructor = self.once(child.path, label, constructor, calls)
         arguments = ", ".join([*(self.env[name] for name in inputs), "train=train"])
         if not attribute[:1].isalpha():
             label = _snake_name(child.torch_class.rpartition(".")[2])
@@ -555,9 +557,12 @@ class _Source:
         rendered: dict[bool, _Rendered] = {}
         for mode, mode_runs in runs.items():
             first = None
+            outputs: list[int] = []
+            if programs is None:  # (a module called in a loop returns what any call needs)
+                outputs = sorted({i for run in mode_runs for i in flows[mode].boundary(run)[1]})
+                self.outputs[path, mode] = outputs
             for nodes in mode_runs:
                 body = _Body(self, path)
-                outputs: list[int] = []
                 if programs is not None:
                     program = programs[mode]
                     parameters = []
@@ -570,9 +575,6 @@ class _Source:
                         )
                 else:
                     inputs = flows[mode].boundary(nodes)[0]
-                    # (a module called in a loop returns what any of its calls is read for)
-                    outputs = sorted({i for run in mode_runs for i in flows[mode].boundary(run)[1]})
-                    self.outputs[path, mode] = outputs
                     for i, name in enumerate(inputs):
                         body.env[name] = body.local("x" if i == 0 else f"x{i}")
                     parameters = [body.env[name] for name in inputs]
