@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn.parity import ModelReport, compare_models
+from jaxbn.parity import LayerDiff, ModelReport, compare_models
 from jaxbn.port import ops
 
 
@@ -267,3 +267,52 @@ def test_a_model_that_casts_to_float32_has_a_float64_reference():
     )
     assert report.ok, report.table()
     assert torch.Tensor.float is not torch.Tensor.double  # restored
+
+
+class Twice(torch.nn.Module):
+    """One ReLU called twice, as ResNet's blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 1)
+        self.relu = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(4, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+
+def test_rows_follow_torchs_execution_order_and_small_batchnorms_are_named():
+    """A module's second call is listed where it ran, not beside its first; a BatchNorm
+    that normalised few values per channel in training is on the report."""
+    model = Twice()
+    x = np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    ported = jaxbn.port(model, torch.from_numpy(x))
+    report = compare_models(
+        model, ported.module, ported.variables, x, train=True, flax_kwargs={"train": True}
+    )
+    outputs = [(row.layer, row.quantity) for row in report.rows if row.quantity.startswith("out")]
+    assert outputs == [
+        ("conv1", "output"),
+        ("relu", "output"),
+        ("conv2", "output"),
+        ("relu", "output (call 2)"),
+        ("bn", "output"),
+        ("", "output"),
+    ]
+    assert report.few_values == (("bn", 2),)
+
+
+def test_a_first_divergence_at_a_small_batchnorm_suggests_a_larger_input():
+    rows = (
+        LayerDiff("conv", "output", (2, 4), 1e-7, 1e-7, True),
+        LayerDiff("bn", "output", (2, 4), 1e-1, 1e-1, False),
+    )
+    report = ModelReport(rows, (), (), 1e-6, 0.0, few_values=(("bn", 2),))
+    assert report.summary().endswith(
+        "; bn normalises only 2 values per channel in this training step, where float32 "
+        "rounding grows: try a larger input (batch or spatial size)"
+    )
+    elsewhere = ModelReport(rows, (), (), 1e-6, 0.0, few_values=(("conv", 2),))
+    assert "values per channel" not in elsewhere.summary()

@@ -578,7 +578,7 @@ def test_cli_reports_unsupported_ops(capsys):
         capsys, "port", "parity_tests.test_port:unsupported_cnn", "--input", "2,3,8,8"
     )
     assert code == 1
-    assert err.startswith("jaxbn: jaxbn.port: 3 unsupported operation(s)")
+    assert err.startswith("jaxbn: 3 unsupported operation(s)")
 
 
 @pytest.mark.parametrize(
@@ -590,7 +590,43 @@ def test_cli_reports_unsupported_ops(capsys):
         (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
         (
             ["torchvision.models:ResNet", "--input", "1,3,8,8"],
-            "torchvision.models:ResNet is a class whose constructor needs arguments (",
+            "torchvision.models:ResNet is a class whose constructor needs other arguments (",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "2,3,8,8", "--kwargs", "nope=1"],
+            "cannot build torchvision.models:resnet18: ResNet.__init__() got an unexpected "
+            "keyword argument 'nope'; give its arguments with --kwargs",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "2,3,8,8", "--kwargs", "num_classes"],
+            "--kwargs expects NAME=VALUE pairs separated by commas, got 'num_classes'",
+        ),
+        (
+            ["timm:create_model", "--input", "2,3,8,8"],
+            "timm has no model 'create_model'; name one as timm:NAME, e.g. timm:resnet18",
+        ),
+        (  # the layout: torch's own forward refuses it, before the port
+            ["torchvision.models:resnet18", "--input", "2,32,32,3"],
+            "--input 2,32,32,3 does not fit torchvision.models:resnet18: torch's own forward "
+            "fails in conv1 (Conv2d): Given groups=1, weight of size [64, 3, 7, 7], expected "
+            "input[2, 32, 32, 3] to have 3 channels, but got 32 channels instead; its first "
+            "layer Conv2d takes 3 channels at axis 1 (N,C,H,W: PyTorch's layout), and this "
+            "shape looks channels-last: --input 2,3,32,32",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "3,32,32"],
+            "torch's own forward fails in bn1 (BatchNorm2d): expected 4D input (got 3D input); "
+            "its first layer (Conv2d, 3 channels) needs a batch dimension first: "
+            "--input 1,3,32,32",
+        ),
+        (  # a training step torch cannot run: found before the port
+            ["torchvision.models:resnet18", "--input", "1,3,32,32"],
+            "--input 1,3,32,32: in the training step layer4.0.bn1 would normalise 1 value per "
+            "channel, which torch refuses",
+        ),
+        (
+            ["torchvision.models:resnet18", "--input", "2,3,8,8", "--no-check"],
+            "--no-check ports without comparing, so it needs somewhere to write",
         ),
         (  # before any work: the port and its check would take minutes
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/r.msgpack"],
@@ -635,7 +671,8 @@ def test_cli_says_in_one_line_how_a_checkpoint_does_not_fit(tmp_path, capsys):
         f"jaxbn: {tmp_path / 'ten.pth'} does not fit torchvision.models:resnet18: keys: 1 "
         "missing (layer1.0.bn1.running_mean); 1 unexpected (extra.weight); 2 of another shape "
         "(fc.weight: checkpoint [10, 512], model [1000, 512], fc.bias: checkpoint [10], model "
-        "[1000]); build the checkpoint's architecture (its number of classes, its variant)"
+        "[1000]); build the checkpoint's architecture (its number of classes, its variant: "
+        "--kwargs num_classes=...)"
     ]
 
 
@@ -652,6 +689,77 @@ def test_cli_imports_from_the_working_directory_and_builds_a_class(tmp_path):
     result = run(jaxbn_command, "port", "mymodels:Net", "--input", "2,3,8,8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ported mymodels:Net: params 4 arrays")
+
+
+def test_cli_ports_a_timm_name_with_arguments_from_a_wrapped_checkpoint(tmp_path, capsys):
+    """`timm:NAME --kwargs`, a training script's checkpoint dict read as convert reads it,
+    and --no-check: the variables are convert's, bit for bit."""
+    import timm
+
+    state = timm.create_model("resnet18", num_classes=10).state_dict()
+    wrapped = {"epoch": 3, "model_state": state, "optimizer": {"lr": torch.tensor(0.1)}}
+    torch.save(wrapped, tmp_path / "wrapped.pth")
+    out = tmp_path / "r.msgpack"
+    code, printed, err = jaxbn_here(
+        capsys, "port", "timm:resnet18", "--kwargs", "num_classes=10", "--input", "2,3,32,32",
+        "--checkpoint", tmp_path / "wrapped.pth", "--no-check", "-o", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert err == ""  # no progress lines when stderr is not a terminal
+    assert f"using checkpoint['model_state']; not model weights, not converted: " in printed
+    assert "eval:" not in printed
+    assert printed.rstrip().endswith("not compared with torch (--no-check)")
+    ported, converted = load_variables(out), jaxbn.from_torch(state)
+    assert jax.tree.structure(ported) == jax.tree.structure(converted)
+    for a, b in zip(jax.tree.leaves(ported), jax.tree.leaves(converted), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_shows_its_phases_on_a_terminal_only(tmp_path):
+    """On a terminal, each phase with its time on stderr; the report on stdout as ever."""
+    import os
+    import pty
+    import subprocess
+
+    leader, follower = pty.openpty()
+    command = pathlib.Path(sys.executable).with_name("jaxbn")
+    argv = ["port", "parity_tests.test_port:tiny_cnn", "--input", "4,3,12,12"]
+    done = subprocess.run(
+        [command, *argv], stdout=subprocess.PIPE, stderr=follower, cwd=pathlib.Path.cwd(),
+        timeout=600, check=False,
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert done.returncode == 0, shown.decode()
+    lines = [line.rpartition("\r")[2] for line in shown.decode().splitlines()]
+    for phase in ("tracing and porting", "eval: torch in float32 and float64, the port "
+                  "compiled and run", "training step: torch in float32"):  # fmt: skip
+        assert any(re.fullmatch(rf"\x1b\[K\[ *\d+ s\] {phase}.*: \d+\.\d s", line)
+                   for line in lines), (phase, lines)  # fmt: skip
+    assert "eval: " in done.stdout.decode()
+
+
+def test_a_ported_module_called_channels_last_names_the_layer_and_the_layout():
+    ported = jaxbn.port(tiny_cnn(), torch.from_numpy(X))
+    with pytest.raises(PortError) as caught:
+        ported.module.apply(ported.variables, np.moveaxis(X, 1, -1), train=False)
+    message = str(caught.value)
+    n, c, h, w = X.shape
+    assert message.startswith(f"jaxbn.port: 0 failed on input of shape {(n, h, w, c)}: ")
+    assert message.endswith(
+        f"(ported at input shape {X.shape}; called with {(n, h, w, c)}); an input of shape "
+        f"{(n, h, w, c)} looks channels-last: the port takes torch's layout, channels at "
+        f"axis 1, here {c}: x.transpose(0, 3, 1, 2)"
+    )
 
 
 def test_train_aware_converter_gets_the_flag():

@@ -136,6 +136,10 @@ class Source:
         return bool(self.modules)
 
 
+# where training scripts keep the weights in a checkpoint dict (with 'epoch', 'optimizer')
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "model_state")
+
+
 def unwrap(obj: Any, caller: str = "from_torch") -> Source:
     """The state dict of a torch module or checkpoint, with what a module tells."""
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
@@ -158,12 +162,12 @@ def unwrap(obj: Any, caller: str = "from_torch") -> Source:
     metadata = getattr(obj, "_metadata", None)
     state = dict(obj)
     while not _is_state_dict(state):
-        wrapper = next((k for k in ("state_dict", "model", "model_state_dict") if k in state), None)
+        wrapper = next((k for k in _WRAPPERS if k in state), None)
         if wrapper is None or not isinstance(state[wrapper], Mapping):
             bad = sorted(k for k, v in state.items() if not _is_tensor(v))
             raise TypeError(
                 "expected a state dict of tensors (or a checkpoint holding one under "
-                f"'state_dict', 'model' or 'model_state_dict'); these entries are not "
+                f"{', '.join(map(repr, _WRAPPERS[:-1]))} or {_WRAPPERS[-1]!r}); these entries are not "
                 f"tensors: {bad[:10]}"
             )
         others = sorted(k for k in state if k != wrapper)

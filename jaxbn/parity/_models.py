@@ -101,6 +101,10 @@ class ModelReport:
     # float32 rounding of it: 'layer1.0.relu (call 2): 1 element'. The
     # gradients were then compared with a float64 run on jax's sides.
     kinks: tuple[str, ...] = ()
+    # BatchNorms that normalised few values per channel in the training step (<= 16):
+    # (torch path, values). float32 is ill-conditioned there, so their tensors may
+    # differ from the float64 run by more than elsewhere; a larger input is the fix.
+    few_values: tuple[tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -154,9 +158,18 @@ class ModelReport:
         if first is None:
             return f"{len(self.rows)} quantities within {within}{followed}"
         theirs = "" if first.torch_max_abs is None else f" (torch's own {first.torch_max_abs:.2e})"
+        few = dict(self.few_values).get(first.layer)
+        small = (
+            f"; {first.layer} normalises only {_plural(few, 'value')} per channel in this "
+            "training step, where float32 rounding grows: try a larger input (batch or "
+            "spatial size)"
+            if few is not None
+            else ""
+        )
         return (
             f"first divergence at {first.layer or '<output>'} ({first.quantity}): "
-            f"max |diff| {first.max_abs:.2e}{theirs}, relative {first.max_rel:.2e}{followed}"
+            f"max |diff| {first.max_abs:.2e}{theirs}, relative {first.max_rel:.2e}"
+            f"{followed}{small}"
         )
 
     def table(self) -> str:
@@ -218,7 +231,8 @@ def compare_models(
     Args:
       torch_model: the reference; it is deep-copied, so its buffers and
         gradients are left as they were.
-      flax_model, variables: the port and its variables.
+      flax_model: the port.
+      variables: its variables.
       x: the input, in torch's layout (numpy or torch), or a tuple of the inputs of a
         model that takes several (RAFT's two images).
       train: run a training step (torch ``train()``; pass the Flax model's own
@@ -230,7 +244,8 @@ def compare_models(
         torch's (N, C, ...) by moving the last axis to 1.
       gradients: also compare the gradients of every parameter torch trains
         (``requires_grad``), through a random upstream gradient on the output.
-      rtol, atol: tolerance per tensor, ``|diff| <= atol + rtol * max|torch|``.
+      rtol: relative tolerance per tensor, ``|diff| <= atol + rtol * max|torch|``.
+      atol: absolute tolerance per tensor, as for ``rtol``.
       seed: for the upstream gradients (one per floating-point output leaf).
       kinds: layer-kind overrides for the converter, as in
         :func:`jaxbn.from_torch` (e.g. ``'Param'`` for a module's bare
@@ -311,19 +326,18 @@ def compare_models(
     )
 
     rows: list[LayerDiff] = []
-    for name, calls in ref.captured.items():
-        if name not in flax_outputs:
+    for name, i in ref.calls:  # in execution order: a second call after what precedes it
+        if name not in flax_outputs or i >= len(flax_outputs[name]):
             continue
-        for i, (desired, actual) in enumerate(zip(calls, flax_outputs[name], strict=False)):
-            actual_leaves = output_leaves(actual)
-            for key, leaf in desired.items():
-                quantity = key if i == 0 else f"{key} (call {i + 1})"
-                if key not in actual_leaves:
-                    rows.append(_missing(name, quantity, leaf.shape))
-                    continue
-                value = to_ref_layout(np.asarray(actual_leaves[key]))
-                theirs = own.captured[name][i][key] if ref is not own else None
-                rows.append(tolerance.row(name, quantity, value, leaf, theirs))
+        actual_leaves = output_leaves(flax_outputs[name][i])
+        for key, leaf in ref.captured[name][i].items():
+            quantity = key if i == 0 else f"{key} (call {i + 1})"
+            if key not in actual_leaves:
+                rows.append(_missing(name, quantity, leaf.shape))
+                continue
+            value = to_ref_layout(np.asarray(actual_leaves[key]))
+            theirs = own.captured[name][i][key] if ref is not own else None
+            rows.append(tolerance.row(name, quantity, value, leaf, theirs))
     order = {name: i for i, name in enumerate(ref.captured)}
 
     layer_kinds = _module_kinds(own.model, kinds, variables)  # the same for every run
@@ -383,6 +397,7 @@ def compare_models(
         atol=atol,
         factor=tolerance.factor,
         kinks=tuple(kinks),
+        few_values=tuple((name, n) for name, n in own.values_per_channel.items() if n <= 16),
     )
 
 
@@ -410,6 +425,9 @@ class _TorchRun:
             x_t = [a.to(dtype) if a.is_floating_point() else a for a in x_t]
         self.kinds = kinds
         self.captured: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.calls: list[tuple[str, int]] = []  # (module, its call number) as they finish
+        # per BatchNorm in training, the fewest values per channel it normalised
+        self.values_per_channel: dict[str, int] = {}
         handles = [
             m.register_forward_hook(self._hook(name)) for name, m in self.model.named_modules()
         ]
@@ -461,7 +479,13 @@ class _TorchRun:
                 for key, leaf in output_leaves(output).items()
                 if isinstance(leaf, torch.Tensor)
             }
-            self.captured.setdefault(name, []).append(leaves)
+            calls = self.captured.setdefault(name, [])
+            self.calls.append((name, len(calls)))
+            calls.append(leaves)
+            if module.training and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                x = inputs[0]
+                count = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+                self.values_per_channel[name] = min(count, self.values_per_channel.get(name, count))
 
         return record
 

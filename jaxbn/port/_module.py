@@ -135,11 +135,12 @@ class PortedModule(nn.Module):
                 other = self.eval_program if train else self.train_program
                 self._run(other, _bind(other, args, kwargs), False, bound)
             return self._run(program, inputs, train, bound)
-        except PortError as error:  # a size that takes another branch: say which shapes
+        except PortError as error:  # say the shapes it was ported at and called with
+            given = [tuple(jnp.shape(a)) for a in [*args, *kwargs.values()]]
             ported = ", ".join(str(tuple(shape)) for shape, _ in self.example)
-            given = ", ".join(str(tuple(jnp.shape(a))) for a in [*args, *kwargs.values()])
             raise PortError(
-                f"{error} (ported at input shape {ported}; called with {given})"
+                f"{error} (ported at input shape {ported}; called with "
+                f"{', '.join(map(str, given))}){_layout_hint(given, self.example)}"
             ) from None
 
     def _run(self, program: Program, inputs: dict[str, Any], train: bool, bound: Any) -> Any:
@@ -147,6 +148,9 @@ class PortedModule(nn.Module):
         env = dict(inputs)
         scopes, modules, bare = bound
         layers = dict(self.layers)
+
+        def call(node: Node, *args: Any, **kwargs: Any) -> Any:
+            return layers[node.target].call(layer(node.target), train, *args, **kwargs)
 
         def scope(path: tuple[str, ...]) -> Any:
             if path not in scopes:
@@ -162,31 +166,77 @@ class PortedModule(nn.Module):
                 modules[path] = layers[path].make(parent=where)
             return modules[path]
 
-        rng: Callable[[], Any] = lambda: self.make_rng("dropout")  # noqa: E731
         for node in program.nodes:
             a = resolve(node.args, env)
             k = dict(resolve(node.kwargs, env))
-            if node.kind == "layer":
-                out = layers[node.target].call(layer(node.target), train, *a, **k)
-            elif node.kind == "call":
-                if node.train_aware:
-                    k |= {"train": train, "rng": rng}
-                out = node.target(*a, **k)
-            elif node.kind == "variable":
-                path, variable, in_layer = node.target
-                owner = scope(path) if path else self.scope
-                if in_layer:  # a layer's own tensor, read outside it: the layer declares it
-                    out = variable.read(owner)
-                else:
-                    if node.target not in bare:
-                        bare[node.target] = variable.declare(owner)
-                    out = bare[node.target]
-            else:  # a constant tensor captured by the trace
-                out = jnp.asarray(np.asarray(node.target))
+            try:
+                out = self._step(node, a, k, train, call, scope, bare)
+            except PortError:
+                raise
+            except (TypeError, ValueError) as error:  # jax's shape errors: say where
+                raise PortError(
+                    f"jaxbn.port: {_where(node)} failed on {_shapes(a)}: {str(error).rstrip('.')}"
+                ) from error
             env[node.name] = out
             if node.alias is not None:
                 env[node.alias] = out
         return resolve(program.output, env)
+
+    def _step(
+        self,
+        node: Node,
+        a: tuple[Any, ...],
+        k: dict[str, Any],
+        train: bool,
+        call: Callable[..., Any],
+        scope: Callable[[tuple[str, ...]], Any],
+        bare: dict[Any, Any],
+    ) -> Any:
+        """One node's value, by its kind; ``call`` runs a layer node's bound layer."""
+        if node.kind == "layer":
+            return call(node, *a, **k)
+        if node.kind == "call":
+            if node.train_aware:
+                k |= {"train": train, "rng": lambda: self.make_rng("dropout")}
+            return node.target(*a, **k)
+        if node.kind == "variable":
+            path, variable, in_layer = node.target
+            owner = scope(path) if path else self.scope
+            if in_layer:  # a layer's own tensor, read outside it: the layer declares it
+                return variable.read(owner)
+            if node.target not in bare:
+                bare[node.target] = variable.declare(owner)
+            return bare[node.target]
+        return jnp.asarray(np.asarray(node.target))  # a constant tensor captured by the trace
+
+
+def _where(node: Node) -> str:
+    """The layer's torch path (``layer1.0.conv1``), or the op and the module it runs in."""
+    if node.kind == "layer":
+        return node.target or "the model"
+    name = getattr(node.target, "__name__", type(node.target).__name__)
+    return f"{name} in {node.scope[-1][0]}" if node.scope else name
+
+
+def _shapes(args: tuple[Any, ...]) -> str:
+    shapes = [tuple(jnp.shape(a)) for a in args if hasattr(a, "shape")]
+    if not shapes:
+        return "its inputs"
+    return ("input of shape " if len(shapes) == 1 else "inputs of shapes ") + ", ".join(
+        map(str, shapes)
+    )
+
+
+def _layout_hint(given: list[tuple[int, ...]], example: Any) -> str:
+    """For an input that looks channels-last next to the example torch took (N, C, ...)."""
+    for shape, (ported, _) in zip(given, example, strict=False):
+        if len(shape) >= 3 and len(shape) == len(ported) and shape[1] != ported[1] == shape[-1]:
+            order = (0, len(shape) - 1, *range(1, len(shape) - 1))
+            return (
+                f"; an input of shape {shape} looks channels-last: the port takes torch's "
+                f"layout, channels at axis 1, here {ported[1]}: x.transpose{order}"
+            )
+    return ""
 
 
 def _bind(program: Program, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
