@@ -9,6 +9,7 @@ from ._linen import BatchNorm as BatchNorm
 from ._linen import BatchNorm1d as BatchNorm1d
 from ._linen import BatchNorm2d as BatchNorm2d
 from ._linen import BatchNorm3d as BatchNorm3d
+from ._version import __version__ as __version__
 from .convert import ConversionError as ConversionError
 from .convert import Report as Report
 from .convert import from_torch as from_torch
@@ -16,8 +17,6 @@ from .convert import load_checkpoint as load_checkpoint
 from .convert import to_torch as to_torch
 from .port import Ported as Ported
 from .port import port as port
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",

@@ -32,8 +32,8 @@ import flax.linen
 import jax
 import jax.numpy as jnp
 
-import jaxbn
-from jaxbn._torch import optional_torch
+from ._functional import BatchStats, batch_norm
+from ._torch import optional_torch
 
 MODES = ("eval", "train", "train+grad")
 LAYOUTS = ("nchw", "nhwc")
@@ -80,10 +80,10 @@ def _jax_contenders(
     x = jax.random.normal(key, dims, jnp.float32) * 2 + 3
     dy = jax.random.normal(jax.random.fold_in(key, 1), dims, jnp.float32)
     scale, bias = jnp.ones(channels), jnp.zeros(channels)
-    stats = jaxbn.BatchStats.create(channels)
+    stats = BatchStats.create(channels)
 
     def jaxbn_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, stats: Any) -> Any:
-        return jaxbn.batch_norm(x, stats, scale, bias, training=mode != "eval", axis=axis)
+        return batch_norm(x, stats, scale, bias, training=mode != "eval", axis=axis)
 
     def flax_forward(fast: bool) -> Forward:
         layer = flax.linen.BatchNorm(

@@ -12,9 +12,8 @@ torch is imported lazily: ``import jaxbn.parity`` works without it, running
 a case does not.
 """
 
-from jaxbn._torch import to_numpy as to_numpy
-from jaxbn._torch import to_tensor as to_torch
-
+from .._torch import to_numpy as to_numpy
+from .._torch import to_tensor as to_torch
 from ._cases import AFFINE as AFFINE
 from ._cases import HEADERS as HEADERS
 from ._cases import KINDS as KINDS

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-import jaxbn
-from jaxbn._torch import import_torch, to_numpy, to_tensor
-from jaxbn.convert import LAYERS, from_torch
-
+from .. import _linen
+from .._torch import import_torch, to_numpy, to_tensor
+from .._version import __version__
+from ..convert import LAYERS, from_torch
 from ._compare import TOLERANCES, compare
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def make_pair(
             tensors["var"].copy_(torch.rand_like(tensors["var"]) + 0.5)
             tensors["num_batches_tracked"].fill_(3)
     extra: dict[str, Any] = {"axis": -1} if kind.channels_last else {}
-    ans = getattr(jaxbn, kind.jax_layer)(
+    ans = getattr(_linen, kind.jax_layer)(
         num_features=kind.channels,
         eps=options.eps,
         momentum=options.momentum,
@@ -411,7 +411,7 @@ def environment() -> Mapping[str, str]:
     """Versions the results were produced with."""
     torch = import_torch()
     return {
-        "jaxbn": jaxbn.__version__,
+        "jaxbn": __version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "torch": torch.__version__,

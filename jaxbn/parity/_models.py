@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict as flatten_tree
 
-from jaxbn._torch import import_torch, to_numpy, to_tensor
-from jaxbn.convert import LAYERS, default_torch_path, from_torch, inspect
-
+from .._torch import import_torch, to_numpy, to_tensor
+from ..convert import LAYERS, default_torch_path, from_torch, inspect
 from ._compare import compare
 
 if TYPE_CHECKING:

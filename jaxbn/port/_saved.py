@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._version import __version__
 from ..convert import load_variables, save_variables
 from ._errors import PortError
 
@@ -31,8 +32,6 @@ FILES = ("model.py", "variables.msgpack", "port.json")
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 

@@ -38,6 +38,7 @@ from typing import Any, cast
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _frozen, _functional, _linen
 from ._errors import PortError
 from ._layers import Op, batch_norm_call, plain_call, train_call
 from ._module import REQUIRED, Node, PortedModule, Program, Ref, ref_names
@@ -73,17 +74,26 @@ class _Unrenderable(Exception):
 @functools.cache
 def _known() -> dict[int, str]:
     """id(object) -> its public spelling, for every op, layer and jaxbn name."""
-    import jaxbn
-
     from . import layers, ops
 
-    names: dict[int, str] = {}
-    for prefix, package in (("jaxbn", jaxbn), ("layers", layers), ("ops", ops)):
+    # (jaxbn's names a port runs, from their modules: the package root imports this one)
+    names = {id(value): f"jaxbn.{value.__name__}" for value in _JAXBN_NAMES}
+    for prefix, package in (("layers", layers), ("ops", ops)):
         for name in package.__all__:
             value = getattr(package, name)
             if callable(value):
                 names.setdefault(id(value), f"{prefix}.{name}")
     return names
+
+
+_JAXBN_NAMES = (
+    _linen.BatchNorm,
+    _linen.BatchNorm1d,
+    _linen.BatchNorm2d,
+    _linen.BatchNorm3d,
+    _frozen.FrozenBatchNorm2d,
+    _functional.batch_norm,
+)
 
 
 def _spelling(value: Any) -> str | None:
