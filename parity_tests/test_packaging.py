@@ -165,3 +165,95 @@ def test_readme_quickstart_runs():
     exec(compile(quickstart, "README.md quickstart", "exec"), namespace)
     assert int(namespace["batch_stats"]["BatchNorm_0"]["num_batches_tracked"]) == 1  # type: ignore[index]
     assert namespace["logits"].shape == (8, 10)  # type: ignore[attr-defined]
+
+
+# --- the package's own import structure --------------------------------------
+# Rooms, lowest first: each imports only rooms before it. The root `jaxbn`
+# re-exports and is imported by none.
+ROOMS = ("core", "convert", "port", "parity", "cli")
+FILES = {
+    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
+
+
+def jaxbn_imports(name: str, path: pathlib.Path, modules: set[str]) -> set[str]:
+    """The jaxbn modules that module ``name`` (its file ``path``) imports, at any scope,
+    relative or absolute: ``from .. import _linen`` is jaxbn._linen, ``from . import x``
+    in a package's __init__ is that package's x."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            if node.level:
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [
+                f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
+                for a in node.names
+            ]
+        for target in targets:
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            if target in modules and target != name:
+                found.add(target)
+    return found
+
+
+def room(name: str) -> str:
+    part = name.split(".")[1] if "." in name else "jaxbn"
+    return part if part in ROOMS or part == "jaxbn" else "core"
+
+
+GRAPH = {name: jaxbn_imports(name, path, set(FILES)) for name, path in FILES.items()}
+
+
+def test_rooms_import_downwards_only_and_nothing_imports_the_root():
+    """core <- convert <- port <- parity <- cli: the library never imports its command
+    line, and no module imports the package root (which imports them)."""
+    wrong = [
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        for target in sorted(targets)
+        if name != "jaxbn"
+        and (room(target) == "jaxbn" or ROOMS.index(room(target)) > ROOMS.index(room(name)))
+    ]
+    assert not wrong
+
+
+def test_the_package_has_no_import_cycles():
+    """No module reaches itself through its imports, function-local ones included."""
+    cycles = []
+    for start in GRAPH:
+        seen, todo = set(), list(GRAPH[start])
+        while todo:
+            module = todo.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                todo.extend(GRAPH[module])
+    assert not cycles
+
+
+def test_the_import_graph_sees_relative_and_local_imports(tmp_path):
+    """The guards above can fail: each spelling resolves to the module it names."""
+    modules = {"jaxbn", "jaxbn._linen", "jaxbn.port", "jaxbn.port._a", "jaxbn.cli"}
+    source = tmp_path / "_a.py"
+    for line, target in (
+        ("from .. import _linen", "jaxbn._linen"),
+        ("from .._linen import BatchNorm", "jaxbn._linen"),
+        ("from .. import port", "jaxbn.port"),
+        ("from .. import __version__", "jaxbn"),
+        ("import jaxbn", "jaxbn"),
+        ("def f():\n    from ..cli import main", "jaxbn.cli"),
+        ("from jaxbn.cli import main", "jaxbn.cli"),
+    ):
+        source.write_text(line + "\n")
+        assert jaxbn_imports("jaxbn.port._a", source, modules) == {target}, line
