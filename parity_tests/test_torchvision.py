@@ -8,6 +8,7 @@ through ``to_torch`` into a freshly built model that loads it with
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any, cast
 
 import numpy as np
@@ -222,3 +223,13 @@ def test_inspect_command_shows_what_a_live_model_adds(capsys):
     assert "momentum=0.00029999999999996696 (PyTorch's default 0.1): layers.1, layers.4" in out
     assert main(["inspect", "torchvision.models:vgg11_bn"]) == 0
     assert "layout: classifier.0: in_features 25088 = 512 x 7 x 7" in capsys.readouterr().out
+
+
+def test_inspect_command_builds_with_arguments_and_timm_names(capsys):
+    """--kwargs and timm:NAME, as for jaxbn port."""
+    from jaxbn.cli import main
+
+    assert main(["inspect", "torchvision.models:resnet18", "--kwargs", "num_classes=10"]) == 0
+    assert re.search(r"^fc +Linear +weight \[10, 512\]", capsys.readouterr().out, re.M)
+    assert main(["inspect", "timm:resnet10t", "--kwargs", "num_classes=7"]) == 0
+    assert re.search(r"^fc +Linear +weight \[7, 512\]", capsys.readouterr().out, re.M)
