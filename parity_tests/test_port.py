@@ -706,7 +706,7 @@ def test_cli_ports_a_timm_name_with_arguments_from_a_wrapped_checkpoint(tmp_path
     )  # fmt: skip
     assert code == 0, err
     assert err == ""  # no progress lines when stderr is not a terminal
-    assert f"using checkpoint['model_state']; not model weights, not converted: " in printed
+    assert "using checkpoint['model_state']; not model weights, not converted: " in printed
     assert "eval:" not in printed
     assert printed.rstrip().endswith("not compared with torch (--no-check)")
     ported, converted = load_variables(out), jaxbn.from_torch(state)
