@@ -11,18 +11,18 @@ prints how far apart the running statistics and weights are after each step.
 
 from __future__ import annotations
 
+import os
+
+# Eight host devices; must be set before jax (and optax, which imports it) is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 try:  # what this example needs beyond jaxbn, said before any work starts
     import optax
 except ModuleNotFoundError as missing:
     raise SystemExit(
         f"examples/data_parallel.py needs {missing.name}; install it from the checkout with: "
-        "pip install -e '.[torch,examples]'"
+        "pip install -e '.[examples]'"
     ) from None
-
-import os
-
-# Eight host devices; must be set before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
 from typing import Any
@@ -134,7 +134,11 @@ def main(steps: int = 5, batch: int = 64, verbose: bool = True) -> dict[str, flo
             f"running statistics {diffs['batch_stats']:.1e}, weights {diffs['params']:.1e}"
         )
     counter = jax.tree.leaves(synced["batch_stats"]["BatchNorm_0"]["num_batches_tracked"])[0]
-    say(f"num_batches_tracked {int(counter)}; largest differences: {worst}")
+    say(
+        f"num_batches_tracked {int(counter)}; largest differences over {steps} steps: "
+        f"running statistics {worst['batch_stats']:.1e}, weights {worst['params']:.1e}, "
+        f"loss {worst['loss']:.1e}"
+    )
     return worst
 
 

@@ -1,7 +1,7 @@
 """Port a torchvision model once, then train and deploy it where torch is not installed.
 
-    python examples/leave_torch.py save resnet18-port    # needs torch and torchvision
-    python examples/leave_torch.py train resnet18-port   # needs jax, flax, optax, jaxbn
+    python examples/leave_torch.py save resnet18-port    # needs the port extra (torch, torchvision)
+    python examples/leave_torch.py train resnet18-port   # needs optax (the examples extra), no torch
 
 ``save`` ports a 10-class ResNet-18 and writes the directory: ``model.py``
 (the generated Flax source: yours to read and edit), ``variables.msgpack``
@@ -15,7 +15,6 @@ program on a batch of another size.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,15 @@ import numpy as np
 
 
 def save(directory: Path) -> None:
-    try:
+    try:  # what `save` needs beyond jaxbn, said before any work starts
+        import flatbuffers  # noqa: F401 (writes model.jaxexport; checked before any work)
         import torch
         import torchvision
-    except ImportError as error:
-        sys.exit(f"save needs torch and torchvision ({error}): pip install 'jaxbn[port]'")
+    except ModuleNotFoundError as missing:
+        raise SystemExit(
+            f"examples/leave_torch.py save needs {missing.name}; install it from the checkout "
+            "with: pip install -e '.[port]'"
+        ) from None
     import jaxbn
 
     torch.manual_seed(0)
@@ -41,9 +44,15 @@ def save(directory: Path) -> None:
 
 
 def train(directory: Path, steps: int) -> None:
+    try:  # what `train` needs beyond jaxbn, said before any work starts
+        import optax
+    except ModuleNotFoundError as missing:
+        raise SystemExit(
+            f"examples/leave_torch.py train needs {missing.name}; install it from the checkout "
+            "with: pip install -e '.[examples]'"
+        ) from None
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     import jaxbn
@@ -53,17 +62,9 @@ def train(directory: Path, steps: int) -> None:
     x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     labels = np.arange(8) % 10
 
-    # The Linen module from NNX: nnx.bridge wraps it, and its variables go in.
+    # The Linen module from NNX: nnx.bridge wraps it, and the port's variables go in.
     model: Any = nnx.bridge.ToNNX(ported.module, rngs=nnx.Rngs(0)).lazy_init(x, train=False)
-    state = nnx.state(model)
-    for path, variable in nnx.to_flat_state(state):
-        if isinstance(variable, (nnx.RngCount, nnx.RngKey)):
-            continue
-        tree = ported.variables[nnx.variable_name_from_type(type(variable))]
-        for key in path:
-            tree = tree[key]
-        variable.value = jnp.asarray(tree)
-    nnx.update(model, state)
+    nnx.update(model, nnx.bridge.variables.linen_vars_to_nnx_attrs(ported.variables))
     same = model(x, train=False) == ported.module.apply(ported.variables, x, train=False)
     print(f"nnx model equals the loaded port in eval: {bool(jnp.all(same))}")
 

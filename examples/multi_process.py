@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +38,20 @@ from typing import Any
 STEPS = 3
 PER_DEVICE = 4
 LR = 0.1
+# jaxlib's own gloo prints this line for each device as it connects, from C++
+# straight to stdout, with no setting to turn it off; threads may interleave two.
+GLOO_CHATTER = re.compile(
+    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
+    r"Expected number of connected peer ranks is : \d+\n?"
+)
+
+
+def without_gloo_chatter(text: str) -> str:
+    """A worker's output without gloo's connection lines (a worker run by hand still shows them)."""
+    while True:  # removing one of two interleaved lines leaves the other whole
+        text, found = GLOO_CHATTER.subn("", text)
+        if not found:
+            return text
 
 
 def free_port() -> int:
@@ -90,7 +105,7 @@ def launch(
                 output.append(f"--- process {i} ---\n{log.read()}")
                 log.close()
         if verbose:
-            print("\n".join(output[:1]))
+            print(without_gloo_chatter(output[0]))
         codes = [p.returncode for p in procs]
         if any(codes):
             tail = "\n".join(text[-4000:] for text in output)
@@ -317,6 +332,13 @@ def worker(process_id: int, num_processes: int, coordinator: str, verbose: bool)
 
 
 def main() -> None:
+    try:  # what this example needs beyond jaxbn, said before any work starts
+        import torch  # noqa: F401 (the workers' reference; checked before starting them)
+    except ModuleNotFoundError as missing:
+        raise SystemExit(
+            f"examples/multi_process.py needs {missing.name}; install it from the checkout with: "
+            "pip install -e '.[torch]' 'torch==2.13.0'"
+        ) from None
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--process-id", type=int, help="this process (omit: start all here)")
     parser.add_argument("--num-processes", type=int, default=2)

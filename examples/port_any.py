@@ -15,15 +15,24 @@ random masks, and the point is to compare everything else.
 
 from __future__ import annotations
 
+try:  # what this example needs beyond jaxbn, said before any work starts
+    import matplotlib  # noqa: F401 (the plot; checked before any work)
+    import optax
+    import torch
+    import torchvision
+except ModuleNotFoundError as missing:
+    extra = "'.[port]'" if missing.name in ("torch", "torchvision") else "'.[examples]'"
+    raise SystemExit(
+        f"examples/port_any.py needs {missing.name}; install it from the checkout with: "
+        f"pip install -e {extra}"
+    ) from None
+
 import argparse
 import time
 from typing import Any
 
 import jax
 import numpy as np
-import optax
-import torch
-import torchvision
 
 import jaxbn
 from jaxbn.port import without_dropout
@@ -124,26 +133,13 @@ def main(
         float((state[k].double() - reference[k].double()).abs().max())
         for k, _ in model.named_buffers()
     )
-    counts = {int(state[k]) for k in state if k.endswith("num_batches_tracked")}
+    counts = sorted({int(state[k]) for k in state if k.endswith("num_batches_tracked")})
+    tracked = f"{counts[0]}" if len(counts) == 1 else f"from {counts[0]} to {counts[-1]}"
     relative = [abs(a - b) / abs(b) for a, b in zip(losses_jax, losses_torch, strict=True)]
     say(f"largest relative loss difference: {max(relative):.2e}; weights (relative) "
-        f"{weight_diff:.2e}; running statistics {stats_diff:.2e}; num_batches_tracked {counts}")  # fmt: skip
+        f"{weight_diff:.2e}; running statistics {stats_diff:.2e}; num_batches_tracked {tracked}")  # fmt: skip
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(losses_torch, "o-", label="PyTorch", alpha=0.7)
-        ax.plot(losses_jax, "x--", label="JAX (jaxbn.port)")
-        ax.set_xlabel("SGD step")
-        ax.set_ylabel("cross-entropy")
-        ax.set_title(f"{model_name}: training continued in both")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=100)
-        plt.close(fig)
+        save_plot(plot, model_name, losses_torch, losses_jax)
         say(f"plot saved to {plot}")
     say(f"total {time.perf_counter() - start:.1f} s")
     return {
@@ -154,6 +150,28 @@ def main(
         "stats_diff": stats_diff,
         "num_batches_tracked": counts,
     }
+
+
+def save_plot(
+    path: str, model_name: str, losses_torch: list[float], losses_jax: list[float]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(losses_torch, "o-", label="PyTorch", alpha=0.7)
+    ax.plot(losses_jax, "x--", label="JAX (jaxbn.port)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    ax.set_xlabel("SGD step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(f"{model_name}: training continued in both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

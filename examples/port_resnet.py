@@ -26,9 +26,10 @@ try:  # what this example needs beyond jaxbn, said before any work starts
     import optax
     import torch
 except ModuleNotFoundError as missing:
+    extra = "'.[torch]' 'torch==2.13.0'" if missing.name == "torch" else "'.[examples]'"
     raise SystemExit(
         f"examples/port_resnet.py needs {missing.name}; install it from the checkout with: "
-        "pip install -e '.[torch,examples]'"
+        f"pip install -e {extra}"
     ) from None
 
 import argparse
@@ -398,8 +399,10 @@ def save_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole (shared axis)
     steps = np.arange(1, len(losses_ref) + 1)
     top.plot(steps, losses_ref, "o-", label="PyTorch")
     top.plot(steps, losses_ans, "x--", label="JAX/Flax (jaxbn)")

@@ -15,7 +15,7 @@ try:  # what this example needs beyond jaxbn, said before any work starts
 except ModuleNotFoundError as missing:
     raise SystemExit(
         f"examples/train_cnn.py needs {missing.name}; install it from the checkout with: "
-        "pip install -e '.[torch,examples]'"
+        "pip install -e '.[examples]'"
     ) from None
 
 import argparse

@@ -22,11 +22,17 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# How the API in use selects eval, named in the one-value-per-channel error;
-# the linen and NNX layers set their own.
-EVAL_HINT: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "jaxbn_eval_hint", default="training=False"
-)
+
+
+class Caller(NamedTuple):
+    """How the API in use spells what the core's messages name; the layers set their own."""
+
+    eval_hint: str = "training=False"  # how it selects eval
+    channels_last_fix: str = "pass axis=-1"  # its way to take channels-last input
+    checks_momentum: bool = True  # False: the layer checked it where it was defined
+
+
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("jaxbn_caller", default=Caller())  # noqa: B039 (immutable)
 
 
 class BatchStats(NamedTuple):
@@ -204,7 +210,7 @@ def batch_norm(
             "Expected more than 1 value per channel when training, got input "
             f"size {tuple(x.shape)} (channel axis {axis}). A batch of one "
             "sample with no spatial extent has zero variance; train with a "
-            f"larger batch, or evaluate with {EVAL_HINT.get()}."
+            f"larger batch, or evaluate with {CALLER.get().eval_hint}."
         )
     _check_eps(eps, use_batch_stats)
     if x.size == 0:
@@ -219,7 +225,7 @@ def batch_norm(
     _check_channels(x, axis, channel_args)
     _check_dtypes(x, channel_args)
     valid = None if mask is None else _check_mask(mask, x)
-    if training and stats is not None:
+    if training and stats is not None and CALLER.get().checks_momentum:
         _check_momentum(momentum)
 
     compute_dtype = jnp.float32 if x.dtype in _HALF_DTYPES else x.dtype
@@ -555,15 +561,58 @@ def _check_channels(x: jax.Array, axis: int, per_channel: dict[str, jax.Array]) 
     if not wrong:
         return
     first = next(iter(wrong))
+    expected = math.prod(wrong[first])
     torch_name = {"stats.mean": "running_mean", "stats.var": "running_var", "scale": "weight"}
     listed = "; ".join(f"{name} has shape {shape}" for name, shape in wrong.items())
+    otherwise = f"build the layer with num_features={channels}"
+    fix = channels_last_hint(
+        x.shape, axis, expected, CALLER.get().channels_last_fix, otherwise
+    ) or (
+        f"Pass an input with the layer's channel count on the channel axis (axis={axis}), "
+        f"or {otherwise}."
+    )
     raise RuntimeError(
         f"{torch_name.get(first, first)} should contain {channels} elements "
-        f"not {math.prod(wrong[first])}: the input of shape {tuple(x.shape)} has "
-        f"{channels} channels on axis {axis}, but {listed}. Pass an input with "
-        f"the layer's channel count on the channel axis (axis={axis}), or build "
-        f"the layer with num_features={channels}."
+        f"not {expected}: the input of shape {tuple(x.shape)} has "
+        f"{channels} channels on axis {axis}, but {listed}. {fix}"
     )
+
+
+# PyTorch's layouts by rank, channels first and channels last.
+_LAYOUT_NAMES = {3: ("NCL", "NLC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
+
+
+def channels_last_hint(
+    shape: Sequence[Any], axis: int, channels: int, alternative: str | None, otherwise: str
+) -> str | None:
+    """The fix for an input whose *last* axis holds the expected ``channels``; else None.
+
+    ``alternative`` is how the API in use takes channels-last input (None:
+    it cannot, transposing is the only fix); ``otherwise`` the fix should
+    the input really have its channels on ``axis``.
+
+    >>> print(channels_last_hint((2, 32, 32, 3), 1, 3, "pass axis=-1", "use 32 channels"))
+    The input looks channels-last (NHWC, 3 channels on its last axis) but is read as PyTorch's NCHW (channels on axis 1): transpose it with x.transpose(0, 3, 1, 2) or pass axis=-1; if it really is NCHW, use 32 channels.
+    """
+    ndim = len(shape)
+    if ndim < 3 or axis == ndim - 1 or not isinstance(shape[-1], int) or shape[-1] != channels:
+        return None
+    order = [*range(ndim - 1)]
+    order.insert(axis, ndim - 1)
+    first_name, last_name = _LAYOUT_NAMES.get(ndim, ("", "")) if axis == 1 else ("", "")
+    on_last = f"{channels} channels on its last axis"
+    looks = f"channels-last ({last_name}, {on_last})" if last_name else f"channels-last ({on_last})"
+    read = (
+        f"is read as PyTorch's {first_name} (channels on axis {axis})"
+        if first_name
+        else f"its channels are read from axis {axis}"
+    )
+    really = (
+        f"it really is {first_name}" if first_name else f"its channels really are on axis {axis}"
+    )
+    transpose = f"transpose it with x.transpose{tuple(order)}"
+    fixes = f"{transpose} or {alternative}" if alternative else transpose
+    return f"The input looks {looks} but {read}: {fixes}; if {really}, {otherwise}."
 
 
 def _check_dtypes(x: jax.Array, per_channel: dict[str, jax.Array]) -> None:

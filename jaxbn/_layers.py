@@ -13,7 +13,15 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import jax
 from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import EVAL_HINT, BatchStats, _check_momentum, batch_norm, check_axis
+from ._functional import (
+    CALLER,
+    BatchStats,
+    Caller,
+    _check_momentum,
+    batch_norm,
+    channels_last_hint,
+    check_axis,
+)
 
 
 class Layout(NamedTuple):
@@ -32,30 +40,45 @@ LAYOUTS: dict[str, Layout | None] = {
 }
 
 
-def channel_axis(layer: str, x: jax.Array, axis: int) -> int:
-    """The channel axis of ``x`` for ``layer``, with PyTorch's rank check."""
+def channel_axis(layer: str, x: jax.Array, axis: int, channels_last_fix: str | None = None) -> int:
+    """The channel axis of ``x`` for ``layer``, with PyTorch's rank check.
+
+    ``channels_last_fix`` is how the calling API takes channels-last input
+    (e.g. "use jaxbn.BatchNorm(axis=-1)"), named in the error; None: it has none.
+    """
     layout = LAYOUTS[layer]
     if layout is None:
         return check_axis(x, axis)
     if x.ndim not in layout.ranks:
         expected = " or ".join(f"{rank}D" for rank in layout.ranks)
+        advice = f" For channels-last data, {channels_last_fix}." if channels_last_fix else ""
         raise ValueError(
             f"expected {expected} input (got {x.ndim}D input): {layer} expects "
-            f"{layout.description}, got shape {tuple(x.shape)}. For channels-last "
-            "data use jaxbn.BatchNorm(axis=-1)."
+            f"{layout.description}, got shape {tuple(x.shape)}.{advice}"
         )
     return 1
 
 
-def check_num_features(layer: str, num_features: int | None, x: jax.Array, axis: int) -> None:
+def check_num_features(
+    layer: str,
+    num_features: int | None,
+    x: jax.Array,
+    axis: int,
+    channels_last_fix: str | None = None,
+) -> None:
     """``num_features``, when given, must be the input's channel count."""
+    channels = x.shape[axis]
     # (x.size may be symbolic under jax.export: compare, never take its truth value.)
-    if x.size != 0 and num_features not in (None, x.shape[axis]):
-        raise RuntimeError(
-            f"{layer}(num_features={num_features}) got an input of shape "
-            f"{tuple(x.shape)} with {x.shape[axis]} channels on axis {axis}. Build "
-            f"the layer with num_features={x.shape[axis]}, or check the input's layout."
-        )
+    if num_features is None or x.size == 0 or num_features == channels:
+        return
+    otherwise = f"build the layer with num_features={channels}"
+    fix = channels_last_hint(x.shape, axis, num_features, channels_last_fix, otherwise) or (
+        f"Build the layer with num_features={channels}, or check the input's layout."
+    )
+    raise RuntimeError(
+        f"{layer}(num_features={num_features}) got an input of shape "
+        f"{tuple(x.shape)} with {channels} channels on axis {axis}. {fix}"
+    )
 
 
 class Sync(NamedTuple):
@@ -116,13 +139,16 @@ class Settings(Protocol):
     def axis_index_groups(self) -> Sequence[Sequence[int]] | None: ...
 
     eval_hint: ClassVar[str]  # how this API selects eval, e.g. "use_running_average=True"
+    channels_last_fix: ClassVar[str]  # how it takes channels-last input, e.g. "pass axis=-1"
 
 
 def check_momentum(momentum: float | None) -> None:
-    """At a layer's initialisation: warn about a Flax-looking or out-of-range momentum.
+    """Where a layer is defined: warn about a Flax-looking or out-of-range momentum.
 
-    The warning points at the user's line that builds or initialises the
-    layer, not at jaxbn, so that it comes before any training step.
+    The warning points at the user's line that builds (or, for a layer
+    built by a library such as :func:`jaxbn.port`, initialises) the layer,
+    not at jaxbn, so that it comes before any training step, and once: the
+    layer's training steps do not repeat it.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as caught:
@@ -147,8 +173,7 @@ def normalize(
 ) -> tuple[jax.Array, BatchStats | None]:
     """One call of a layer: :func:`jaxbn.batch_norm` with the layer's settings."""
     sync = resolve_sync(settings.axis_name, settings.axis_index_groups)
-    token = EVAL_HINT.set(settings.eval_hint)  # the core's errors name this API's argument
-    try:
+    with calling(settings):
         return batch_norm(
             x,
             stats,
@@ -162,11 +187,23 @@ def normalize(
             axis_index_groups=sync.axis_index_groups,
             mask=mask,
         )
+
+
+@contextlib.contextmanager
+def calling(settings: Settings) -> Iterator[None]:
+    """The core's messages inside name this layer's arguments; its momentum is not rechecked.
+
+    A layer checks its momentum once, where it is defined (see
+    :func:`check_momentum`), not in every training step the core traces.
+    """
+    token = CALLER.set(Caller(settings.eval_hint, settings.channels_last_fix, False))
+    try:
+        yield
     finally:
-        EVAL_HINT.reset(token)
+        CALLER.reset(token)
 
 
 def finish(settings: Settings, layer: str, x: jax.Array, axis: int, y: jax.Array) -> jax.Array:
     """The layer's output: ``num_features`` checked, cast to ``dtype`` if set."""
-    check_num_features(layer, settings.num_features, x, axis)
+    check_num_features(layer, settings.num_features, x, axis, settings.channels_last_fix)
     return y if settings.dtype is None else y.astype(settings.dtype)

@@ -5,6 +5,7 @@ The modules only declare variables and call :func:`jaxbn.batch_norm`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from ._functional import BatchStats, batch_norm
-from ._layers import channel_axis, check_momentum, finish, normalize
+from ._layers import calling, channel_axis, check_momentum, finish, normalize
 
 Initializer = Any
 
@@ -37,10 +38,27 @@ class _BatchNormBase(nn.Module):
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
     layer: ClassVar[str]  # the PyTorch layer it mirrors, a key of _layers.LAYOUTS
-    eval_hint: ClassVar[str] = "use_running_average=True"
+    # A model that wraps the layer may switch it with its own flag, as a ported one does.
+    eval_hint: ClassVar[str] = "use_running_average=True (train=False on a jaxbn.port model)"
+    channels_last_fix: ClassVar[str] = "use jaxbn.BatchNorm(axis=-1)"
+    # Set on a layer that a library (jaxbn.port) builds: it checks its momentum at init.
+    _check_momentum_at_init: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.track_running_stats:
+            return
+        # The momentum is checked once, where the layer is defined: here when
+        # user code builds it; at init when a library does. Flax's own copies
+        # (the clones inside init and apply) were checked as their original.
+        builder = _builder(self)
+        if builder not in _LIBRARIES:
+            check_momentum(self.momentum)
+        elif builder != "flax":
+            object.__setattr__(self, "_check_momentum_at_init", True)
 
     def _channel_axis(self, x: jax.Array) -> int:
-        return channel_axis(self.layer, x, 1)
+        return channel_axis(self.layer, x, 1, self.channels_last_fix)
 
     @nn.compact
     def __call__(
@@ -93,27 +111,29 @@ class _BatchNormBase(nn.Module):
             }
 
         if self.is_initializing():
-            if self.track_running_stats:
+            if self._check_momentum_at_init:
                 check_momentum(self.momentum)
             # Initialisation is not a training step: nothing is counted or
             # reduced across devices, and a tracked layer normalises with its
             # initial statistics (so a single example is fine).
             stats = initial if self.track_running_stats else None
-            y, _ = batch_norm(
-                x, stats, scale, bias, training=False, eps=self.eps, axis=axis, mask=mask
-            )
+            with calling(self):
+                y, _ = batch_norm(
+                    x, stats, scale, bias, training=False, eps=self.eps, axis=axis, mask=mask
+                )
         else:
             stats = None
             if variables:
                 stats = BatchStats(**{name: v.value for name, v in variables.items()})
             if training and stats is not None and not self.is_mutable_collection("batch_stats"):
+                where = f" at '{'/'.join(self.path)}'" if self.path else ""
                 raise ValueError(
-                    f"{type(self).__name__} is in a training step "
-                    "(use_running_average=False) and updates its running "
-                    "statistics, but 'batch_stats' is not mutable. Call "
-                    "apply(variables, x, mutable=['batch_stats']) and keep the "
-                    "returned statistics, or pass use_running_average=True for "
-                    "eval."
+                    f"{type(self).__name__}{where} is in a training step "
+                    "(use_running_average=False; train=True on a jaxbn.port model) and "
+                    "updates its running statistics, but 'batch_stats' is not mutable. "
+                    "Pass mutable=['batch_stats'] to apply and keep the returned "
+                    "statistics, or run in eval: use_running_average=True on the layer, "
+                    "train=False on a jaxbn.port model."
                 )
             y, new_stats = normalize(
                 self, x, axis, stats, scale, bias, training=training, mask=mask
@@ -180,9 +200,10 @@ class BatchNorm(_BatchNormBase):
 
     axis: int = -1
     layer = "BatchNorm"
+    channels_last_fix = "pass axis=-1"
 
     def _channel_axis(self, x: jax.Array) -> int:
-        return channel_axis(self.layer, x, self.axis)
+        return channel_axis(self.layer, x, self.axis, self.channels_last_fix)
 
 
 class BatchNorm1d(_BatchNormBase):
@@ -225,3 +246,15 @@ class BatchNorm3d(_BatchNormBase):
     """
 
     layer = "BatchNorm3d"
+
+
+_LIBRARIES = frozenset({"jaxbn", "jax", "jaxlib", "flax"})
+
+
+def _builder(module: nn.Module) -> str:
+    """The top-level package whose code constructs ``module``: 'flax' for Flax's clones."""
+    frame = sys._getframe(2)
+    # Skip the frames of the construction itself (__init__, __post_init__, wrappers).
+    while frame is not None and frame.f_locals.get("self") is module:
+        frame = frame.f_back
+    return "" if frame is None else frame.f_globals.get("__name__", "").partition(".")[0]

@@ -27,6 +27,7 @@ class _BatchNormBase(nnx.Module):
 
     layer: ClassVar[str]
     eval_hint: ClassVar[str] = "model.eval() (or use_running_average=True)"
+    channels_last_fix: ClassVar[str] = "use jaxbn.nnx.BatchNorm(num_features, axis=-1)"
     num_features: int
     momentum: float | None
     eps: float
@@ -74,7 +75,7 @@ class _BatchNormBase(nnx.Module):
         self.axis_index_groups = axis_index_groups
 
     def _channel_axis(self, x: jax.Array) -> int:
-        return channel_axis(self.layer, x, 1)
+        return channel_axis(self.layer, x, 1, self.channels_last_fix)
 
     def __call__(
         self,
@@ -124,13 +125,14 @@ class BatchNorm(_BatchNormBase):
     """
 
     layer = "BatchNorm"
+    channels_last_fix = "pass axis=-1"
 
     def __init__(self, num_features: int, *, axis: int = -1, **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         self.axis = axis
 
     def _channel_axis(self, x: jax.Array) -> int:
-        return channel_axis(self.layer, x, self.axis)
+        return channel_axis(self.layer, x, self.axis, self.channels_last_fix)
 
 
 class BatchNorm1d(_BatchNormBase):

@@ -311,7 +311,10 @@ def test_one_value_error_names_the_eval_argument_of_the_api_in_use():
         jaxbn.batch_norm(x, jaxbn.BatchStats.create(3), training=True, axis=1)
     linen = jaxbn.BatchNorm1d(3)
     variables = linen.init(jax.random.key(0), x, use_running_average=True)
-    with pytest.raises(ValueError, match=r"evaluate with use_running_average=True\."):
+    with pytest.raises(
+        ValueError,
+        match=r"evaluate with use_running_average=True \(train=False on a jaxbn\.port model\)\.",
+    ):
         linen.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     with pytest.raises(ValueError, match=r"evaluate with model\.eval\(\)"):
         jaxbn.nnx.BatchNorm1d(3)(x)

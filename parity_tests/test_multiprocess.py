@@ -40,3 +40,13 @@ def test_workers_are_stopped_at_the_timeout():
     with pytest.raises(RuntimeError, match="still running after 1 s, stopped"):
         load("multi_process").launch(2, 4, timeout=1.0, verbose=False)
     assert time.monotonic() - start < 60
+
+
+def test_gloo_connection_lines_are_left_out_of_the_output():
+    """jaxlib's gloo prints one line per device as it connects; two may interleave."""
+    gloo = "[Gloo] Rank {} is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\n"
+    worker = "process 1 of 2: 4 of 8 devices, global batch 32\nstep 1 (train): jit 1.4e-07\n"
+    first, second = worker.splitlines(keepends=True)
+    interleaved = gloo.format(7).replace("7 peer", gloo.format(6) + "7 peer", 1)
+    text = first + gloo.format(4) + interleaved + second
+    assert load("multi_process").without_gloo_chatter(text) == worker

@@ -120,8 +120,9 @@ def from_torch(
         (``{'state_dict': ...}``, ``{'model': ...}``) and DDP's ``module.``
         prefix are removed.
       template: optional Flax variables (``model.init(...)`` or its
-        ``jax.eval_shape``), or an NNX model, that the result must match key
-        for key, in shape and dtype. For an NNX model, load the result with
+        ``jax.eval_shape``; not the linen module itself, which has none until
+        initialised), or an NNX model, that the result must match key for
+        key, in shape and dtype. For an NNX model, load the result with
         :func:`jaxbn.nnx.update`.
       strict: raise :class:`ConversionError` listing every problem. With
         False, return ``(variables, report)`` instead.
@@ -183,7 +184,13 @@ def inspect(
     settings a Flax model must be built with (:attr:`Report.settings`).
     """
     source = obj if isinstance(obj, Source) else unwrap(obj)
-    flat = describe_all(flatten_tree(_as_variables(template))) if template is not None else None
+    flat = (
+        describe_all(
+            flatten_tree(_as_variables(template, "from_torch's `template`", _TEMPLATE_FIX))
+        )
+        if template is not None
+        else None
+    )
     return plan_from_torch(source, flat, kinds, flax_path)
 
 
@@ -314,7 +321,7 @@ def to_torch(
       kinds: ``{torch module prefix: kind}`` overrides.
       torch_path: maps a Flax module path to a torch module prefix.
     """
-    flat = flatten_tree(_as_variables(variables))
+    flat = flatten_tree(_as_variables(variables, "to_torch's `variables`", _VARIABLES_FIX))
     source = unwrap(template, "to_torch's template") if template is not None else None
     report = plan_to_torch(flat, source, kinds, torch_path)
     if strict and not report.ok:
@@ -338,15 +345,37 @@ def _to_torch(value: Any, entry: Entry) -> torch.Tensor:
     return to_tensor(to_torch_layout(array, entry.layout))
 
 
-def _as_variables(tree: Any) -> Any:
-    """An NNX model's state as a linen-style tree; anything else as it is."""
-    from flax import nnx
+_TEMPLATE_FIX = (
+    "pass template=model.init(jax.random.key(0), x) for an example input x, or "
+    "jax.eval_shape(model.init, jax.random.key(0), x), which allocates nothing"
+)
+_VARIABLES_FIX = "pass the variables the model was initialised, trained or loaded with"
+
+
+def _as_variables(tree: Any, argument: str, fix: str) -> Any:
+    """An NNX model's state as a linen-style tree; a variable tree as it is.
+
+    ``argument`` names the argument in errors, and ``fix`` says what to pass
+    instead of a linen module.
+    """
+    from flax import linen, nnx
 
     if isinstance(tree, nnx.Module):
         from .._nnx import variables
 
         return variables(tree)
-    return tree
+    if isinstance(tree, Mapping):
+        return tree
+    if isinstance(tree, linen.Module):
+        # Its variables need an input only the caller has.
+        raise TypeError(
+            f"{argument} must be Flax variables or an NNX model, got the flax.linen module "
+            f"{type(tree).__name__} itself, which holds no variables until initialised: {fix}."
+        )
+    raise TypeError(
+        f"{argument} must be Flax variables ({{'params': ..., 'batch_stats': ...}}) or an "
+        f"NNX model, got a {type(tree).__module__}.{type(tree).__name__}: {fix}."
+    )
 
 
 # --- trees -----------------------------------------------------------------
