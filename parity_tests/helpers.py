@@ -136,16 +136,37 @@ def jaxbn_here(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str
     return code, out, err
 
 
-# --- the README's printed samples -----------------------------------------------
+# --- the printed samples of the README and the guides ----------------------------
 
 NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
 
 
-def readme_sample(command: str) -> list[str]:
-    """The lines the README prints under ``$ {command}`` (its output sample)."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index(f"$ {command}\n") + len(f"$ {command}\n")
-    return readme[start : readme.index("```", start)].rstrip("\n").splitlines()
+def doc_files() -> list[pathlib.Path]:
+    """README.md, the guides in docs/, benchmarks/README.md and CONTRIBUTING.md."""
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "benchmarks/README.md",
+        ROOT / "CONTRIBUTING.md",
+    ]
+
+
+def readme_sample(command: str, doc: str | None = None) -> list[str]:
+    """The lines a doc prints under ``$ {command}`` (its output sample).
+
+    ``doc`` is the file's path from the repository root (``"docs/cli.md"``);
+    without it, the one file of :func:`doc_files` that shows the sample.
+    """
+    prompt = f"$ {command}\n"
+    if doc is None:
+        shown = [path for path in doc_files() if prompt in path.read_text()]
+        assert len(shown) == 1, f"{prompt!r} is shown in {len(shown)} files: {shown}"
+        (path,) = shown
+    else:
+        path = ROOT / doc
+    text = path.read_text()
+    start = text.index(prompt) + len(prompt)
+    return text[start : text.index("```", start)].rstrip("\n").splitlines()
 
 
 def assert_sample_matches(sample: list[str], output: list[str]) -> None:

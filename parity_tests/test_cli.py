@@ -389,8 +389,8 @@ def test_parity_and_bench_refuse_bad_arguments_before_running(
 
 
 def test_readme_parity_sample_is_a_real_run():
-    """The README's ``jaxbn parity`` sample: its rows rerun, its layout and count as printed."""
-    sample = readme_sample("jaxbn parity --json results.json")
+    """The ``jaxbn parity`` sample of docs/cli.md: its rows rerun, its layout and count as printed."""
+    sample = readme_sample("jaxbn parity --json results.json", "docs/cli.md")
     cases = parity.builtin_cases()
     shown = {line.split()[0] for line in sample if line.split()} & {c.name for c in cases}
     assert shown, sample
@@ -402,7 +402,7 @@ def test_readme_parity_sample_is_a_real_run():
         "results saved to results.json",
     ]
     everything = f"{len(cases)} of {len(cases)} cases passed."
-    assert everything in sample  # the full run's count, as the README states it
+    assert everything in sample  # the full run's count, as docs/cli.md states it
     assert_sample_matches(["..." if line == everything else line for line in sample], output)
 
 

@@ -691,6 +691,13 @@ def test_cli_imports_from_the_working_directory_and_builds_a_class(tmp_path):
     assert result.stdout.startswith("ported mymodels:Net: params 4 arrays")
 
 
+def test_cli_names_the_layout_as_the_guide_shows(capsys):
+    command = "jaxbn port torchvision.models:resnet18 --input 2,32,32,3"
+    code, _, err = jaxbn_here(capsys, *command.split()[1:])
+    assert code == 2
+    assert_sample_matches(readme_sample(command, "docs/cli.md"), err.splitlines())
+
+
 def test_cli_ports_a_timm_name_with_arguments_from_a_wrapped_checkpoint(tmp_path, capsys):
     """`timm:NAME --kwargs`, a training script's checkpoint dict read as convert reads it,
     and --no-check: the variables are convert's, bit for bit."""
