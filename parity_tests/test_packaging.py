@@ -158,13 +158,16 @@ def test_typed_package():
     assert (PACKAGE / "py.typed").exists()
 
 
-def test_readme_quickstart_runs():
+def test_readme_quickstart_runs_and_prints_what_it_shows(capsys):
     readme = (PACKAGE.parent / "README.md").read_text()
-    quickstart = readme.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    section = readme.split("## Quickstart", 1)[1]
+    quickstart = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("It prints:\n\n```\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, object] = {}
     exec(compile(quickstart, "README.md quickstart", "exec"), namespace)
     assert int(namespace["batch_stats"]["BatchNorm_0"]["num_batches_tracked"]) == 1  # type: ignore[index]
     assert namespace["logits"].shape == (8, 10)  # type: ignore[attr-defined]
+    assert capsys.readouterr().out == shown
 
 
 # --- the package's own import structure --------------------------------------
