@@ -707,7 +707,8 @@ def _check_momentum(momentum: float | None) -> None:
     warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
 
 
-_LIBRARIES = frozenset({"jaxbn", "jax", "jaxlib", "flax"})
+# The packages whose frames a warning skips to reach the user's line.
+LIBRARIES = frozenset({"jaxbn", "jax", "jaxlib", "flax"})
 
 
 def _user_stacklevel() -> int:
@@ -718,7 +719,7 @@ def _user_stacklevel() -> int:
     """
     frame, level = sys._getframe(2), 2  # level 1 is the function that warns
     while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-        _LIBRARIES
+        LIBRARIES
     ):
         frame, level = frame.f_back, level + 1
     return level

@@ -145,10 +145,12 @@ class Settings(Protocol):
 def check_momentum(momentum: float | None) -> None:
     """Where a layer is defined: warn about a Flax-looking or out-of-range momentum.
 
-    The warning points at the user's line that builds (or, for a layer
-    built by a library such as :func:`jaxbn.port`, initialises) the layer,
-    not at jaxbn, so that it comes before any training step, and once: the
-    layer's training steps do not repeat it.
+    The warning points at the user's line that builds the layer, not at
+    jaxbn, so that it comes before any training step, and the layer's
+    training steps do not repeat it. (A layer built inside ``nn.compact`` is
+    built again at each trace, on the same line: Python's default filter
+    shows that once.) Layers that jaxbn.port builds carry the torch model's
+    own momentum and are not checked.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as caught:

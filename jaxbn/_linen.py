@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from ._functional import BatchStats, batch_norm
+from ._functional import LIBRARIES, BatchStats, batch_norm
 from ._layers import calling, channel_axis, check_momentum, finish, normalize
 
 Initializer = Any
@@ -41,21 +41,15 @@ class _BatchNormBase(nn.Module):
     # A model that wraps the layer may switch it with its own flag, as a ported one does.
     eval_hint: ClassVar[str] = "use_running_average=True (train=False on a jaxbn.port model)"
     channels_last_fix: ClassVar[str] = "use jaxbn.BatchNorm(axis=-1)"
-    # Set on a layer that a library (jaxbn.port) builds: it checks its momentum at init.
-    _check_momentum_at_init: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.track_running_stats:
-            return
-        # The momentum is checked once, where the layer is defined: here when
-        # user code builds it; at init when a library does. Flax's own copies
-        # (the clones inside init and apply) were checked as their original.
-        builder = _builder(self)
-        if builder not in _LIBRARIES:
+        # The momentum is checked where user code builds the layer, not in each
+        # training step. Not where a library does: Flax's clones inside init and
+        # apply were checked as their original, and jaxbn.port's layers carry the
+        # torch model's own value, which is torch's convention by construction.
+        if self.track_running_stats and _builder(self) not in LIBRARIES:
             check_momentum(self.momentum)
-        elif builder != "flax":
-            object.__setattr__(self, "_check_momentum_at_init", True)
 
     def _channel_axis(self, x: jax.Array) -> int:
         return channel_axis(self.layer, x, 1, self.channels_last_fix)
@@ -111,8 +105,6 @@ class _BatchNormBase(nn.Module):
             }
 
         if self.is_initializing():
-            if self._check_momentum_at_init:
-                check_momentum(self.momentum)
             # Initialisation is not a training step: nothing is counted or
             # reduced across devices, and a tracked layer normalises with its
             # initial statistics (so a single example is fine).
@@ -246,9 +238,6 @@ class BatchNorm3d(_BatchNormBase):
     """
 
     layer = "BatchNorm3d"
-
-
-_LIBRARIES = frozenset({"jaxbn", "jax", "jaxlib", "flax"})
 
 
 def _builder(module: nn.Module) -> str:
