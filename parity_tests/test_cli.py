@@ -126,7 +126,8 @@ def test_without_torch_the_commands_that_need_it_say_so(tmp_path):
     assert result.stderr.splitlines() == [
         f"jaxbn: jaxbn parity compares with PyTorch, {install}",
         f"jaxbn: {tmp_path / 'm.pt'}: reading it needs PyTorch or safetensors, {install}",
-        f"jaxbn: jaxbn port reads a PyTorch model, {install}",
+        "jaxbn: jaxbn port reads a PyTorch model, which is not installed; install it with "
+        "torchvision and timm from the checkout: pip install -e '.[port]'",
     ]
 
 

@@ -314,5 +314,12 @@ def test_a_first_divergence_at_a_small_batchnorm_suggests_a_larger_input():
         "; bn normalises only 2 values per channel in this training step, where float32 "
         "rounding grows: try a larger input (batch or spatial size)"
     )
-    elsewhere = ModelReport(rows, (), (), 1e-6, 0.0, few_values=(("conv", 2),))
-    assert "values per channel" not in elsewhere.summary()
+    before = ModelReport(rows[::-1], (), (), 1e-6, 0.0, few_values=(("conv", 2),))
+    assert "values per channel" not in before.summary()  # conv runs after the divergence
+    after = ModelReport(rows, (), (), 1e-6, 0.0, few_values=(("conv", 3),))
+    assert after.summary().endswith("; conv normalises only 3 values per channel in this "
+                                    "training step, where float32 rounding grows: try a "
+                                    "larger input (batch or spatial size)")  # fmt: skip
+    gradient = (*rows[:1], LayerDiff("conv", "grad weight", (4,), 1e-1, 1e-1, False))
+    behind = ModelReport(gradient, (), (), 1e-6, 0.0, few_values=(("bn", 5), ("conv", 2)))
+    assert "; conv normalises only 2 values per channel" in behind.summary()

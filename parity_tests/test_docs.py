@@ -84,3 +84,34 @@ def test_readme_code_runs_as_written(tmp_path, monkeypatch):
         exec(compile(block, f"README.md, Python block {number + 1}", "exec"), namespace)
     assert namespace["y"].shape == (2, 8, 8, 8)  # type: ignore[attr-defined]
     assert (tmp_path / "resnet18-port" / "model.py").exists()
+
+
+COMMAND_LINE = re.compile(r"(?:^\$ |^|`)(jaxbn [a-z][^`\n]*)", re.MULTILINE)
+
+
+def test_every_jaxbn_command_line_shown_parses():
+    """Each whole `jaxbn ...` line of the docs (a sample, a code span) is one the parser
+    takes as written: its options exist and their values have the right form."""
+    import shlex
+
+    from jaxbn.cli import build_parser
+
+    commands = {
+        tuple(shlex.split(match, comments=True))
+        for path in doc_files()
+        for block in [*FENCE.findall(path.read_text()), *CODE_SPAN.findall(path.read_text())]
+        for match in COMMAND_LINE.findall(block.strip("`"))
+        # (a synopsis: placeholders and [options], not a command to type)
+        if not re.search(r"\[|\.\.\.|[A-Z]{2,}[:,]|--[a-z-]+ [A-Z]+\b", match)
+    }
+    # Whole commands: not a subcommand named in prose, nor a printed header ("jaxbn port
+    # benchmark: ...").
+    commands = {c for c in commands if len(c) > 2 and not c[2].endswith(":")}
+    assert len(commands) >= 8
+    refused = []
+    for command in sorted(commands):
+        try:
+            build_parser().parse_args(command[1:])
+        except SystemExit:
+            refused.append(" ".join(command))
+    assert refused == []

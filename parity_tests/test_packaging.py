@@ -172,8 +172,20 @@ def test_readme_quickstart_runs_and_prints_what_it_shows(capsys):
 
 # --- the package's own import structure --------------------------------------
 # Rooms, lowest first: each imports only rooms before it. The root `jaxbn`
-# re-exports and is imported by none.
-ROOMS = ("core", "convert", "port", "parity", "cli")
+# re-exports and is imported by none. The core is the pure functions (jax only);
+# the modules are the Flax layers on it; convert, port, parity and cli are packages.
+ROOMS = ("core", "modules", "convert", "port", "parity", "cli")
+TOP_LEVEL = {
+    "jaxbn._functional": "core",
+    "jaxbn._layers": "core",
+    "jaxbn._version": "core",
+    "jaxbn._torch": "core",  # (tensors <-> arrays; torch imported when called)
+    "jaxbn._linen": "modules",
+    "jaxbn._nnx": "modules",
+    "jaxbn._frozen": "modules",
+    "jaxbn.nnx": "modules",
+    "jaxbn._bench": "modules",  # (times the modules; jaxbn bench runs it)
+}
 FILES = {
     ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
     for p in PACKAGE.rglob("*.py")
@@ -210,7 +222,10 @@ def jaxbn_imports(name: str, path: pathlib.Path, modules: set[str]) -> set[str]:
 
 def room(name: str) -> str:
     part = name.split(".")[1] if "." in name else "jaxbn"
-    return part if part in ROOMS or part == "jaxbn" else "core"
+    if part in ROOMS or part == "jaxbn":
+        return part
+    assert name in TOP_LEVEL, f"{name}: a new module: give it a room in TOP_LEVEL"
+    return TOP_LEVEL[name]
 
 
 GRAPH = {name: jaxbn_imports(name, path, set(FILES)) for name, path in FILES.items()}
@@ -260,3 +275,12 @@ def test_the_import_graph_sees_relative_and_local_imports(tmp_path):
     ):
         source.write_text(line + "\n")
         assert jaxbn_imports("jaxbn.port._a", source, modules) == {target}, line
+
+
+def test_the_jaxbn_names_a_ports_source_spells_are_public():
+    """Generated source calls jaxbn.<name>: each is the package's own, in __all__."""
+    from jaxbn.port._source import _JAXBN_NAMES
+
+    for value in _JAXBN_NAMES:
+        assert value.__name__ in jaxbn.__all__
+        assert getattr(jaxbn, value.__name__) is value

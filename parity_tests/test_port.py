@@ -491,6 +491,39 @@ def unseeded_cnn() -> torch.nn.Module:
     )
 
 
+class TwoInputs(torch.nn.Module):
+    """A forward of two tensors: jaxbn port feeds one."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+class AuxInTraining(torch.nn.Module):
+    """An auxiliary head in training only, whose BatchNorm sees one value per channel at
+    batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.aux = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.bn(self.conv(x))
+        return (x, self.aux(F.adaptive_avg_pool2d(x, 1))) if self.training else x
+
+
+def refusing(width: int = 3) -> torch.nn.Module:
+    """A factory whose own code refuses its arguments."""
+    if width % 2:
+        raise ValueError(f"width must be even, got {width}")
+    return tiny_cnn()
+
+
+def not_a_module() -> int:
+    return 3
+
+
 def test_cli_seeds_the_factory_so_a_rerun_reports_the_same(tmp_path, capsys):
     """One command, one report: the factory's random init follows --seed, not torch's state."""
 
@@ -590,12 +623,13 @@ def test_cli_reports_unsupported_ops(capsys):
         (["torchvision.models:resnet18", "--input", "1,3,x"], "--input expects positive"),
         (
             ["torchvision.models:ResNet", "--input", "1,3,8,8"],
-            "torchvision.models:ResNet is a class whose constructor needs other arguments (",
+            "torchvision.models:ResNet is a class whose constructor takes other arguments "
+            "(missing a required argument: 'block'); give them with --kwargs",
         ),
         (
             ["torchvision.models:resnet18", "--input", "2,3,8,8", "--kwargs", "nope=1"],
-            "cannot build torchvision.models:resnet18: ResNet.__init__() got an unexpected "
-            "keyword argument 'nope'; give its arguments with --kwargs",
+            "cannot build torchvision.models:resnet18 with --kwargs nope=1: ResNet.__init__() "
+            "got an unexpected keyword argument 'nope'; give the arguments it takes",
         ),
         (
             ["torchvision.models:resnet18", "--input", "2,3,8,8", "--kwargs", "num_classes"],
@@ -621,12 +655,32 @@ def test_cli_reports_unsupported_ops(capsys):
         ),
         (  # a training step torch cannot run: found before the port
             ["torchvision.models:resnet18", "--input", "1,3,32,32"],
-            "--input 1,3,32,32: in the training step layer4.0.bn1 would normalise 1 value per "
+            "--input 1,3,32,32: in a training step layer4.0.bn1 would normalise 1 value per "
             "channel, which torch refuses",
         ),
         (
             ["torchvision.models:resnet18", "--input", "2,3,8,8", "--no-check"],
             "--no-check ports without comparing, so it needs somewhere to write",
+        ),
+        (
+            ["parity_tests.test_port:TwoInputs", "--input", "2,3,8,8"],
+            "parity_tests.test_port:TwoInputs takes more than one input (TwoInputs.forward() "
+            "missing 1 required positional argument: 'y'); jaxbn port feeds it one random "
+            "tensor of --input's shape: port it from Python, jaxbn.port(model, (x, y))",
+        ),
+        (
+            ["parity_tests.test_port:not_a_module", "--input", "2,3,8,8"],
+            "parity_tests.test_port:not_a_module built an object of type int, not a torch "
+            "module; name a function or class that returns a torch.nn.Module",
+        ),
+        (
+            ["parity_tests.test_port:refusing", "--input", "2,3,8,8", "--kwargs", "wide=4"],
+            "parity_tests.test_port:refusing takes other arguments (got an unexpected keyword "
+            "argument 'wide'); give them with --kwargs",
+        ),
+        (  # a BatchNorm that only training runs (as GoogLeNet's auxiliary heads)
+            ["parity_tests.test_port:AuxInTraining", "--input", "1,3,8,8"],
+            "--input 1,3,8,8: in a training step aux would normalise 1 value per channel",
         ),
         (  # before any work: the port and its check would take minutes
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "nodir/r.msgpack"],
@@ -639,7 +693,8 @@ def test_cli_reports_unsupported_ops(capsys):
         ),
         (
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "-o", "pyproject.toml"],
-            "-o pyproject.toml is a file; save a port to a directory",
+            "-o pyproject.toml is a file; save a port to a directory, or the variables alone to "
+            "FILE.msgpack",
         ),
         (
             ["torchvision.models:resnet18", "--input", "1,3,8,8", "--export", "nodir/m.jax"],
@@ -657,6 +712,29 @@ def test_cli_usage_errors_are_one_line(argv, message, capsys):
     assert err.startswith("jaxbn: ")
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_says_in_one_line_what_a_factory_raised(capsys):
+    argv = ["parity_tests.test_port:refusing", "--input", "2,3,8,8", "--kwargs", "width=5"]
+    code, _, err = jaxbn_here(capsys, "port", *argv)
+    assert (code, err) == (
+        1,
+        "jaxbn: cannot build parity_tests.test_port:refusing: ValueError: width must be even, "
+        "got 5; check --kwargs width=5\n",
+    )
+
+
+def test_cli_takes_a_checkpoint_saved_before_num_batches_tracked(tmp_path, capsys):
+    """As torch's load_state_dict(strict=True) does: the missing counters are 0."""
+    state = tiny_cnn().state_dict()
+    torch.save({k: v for k, v in state.items() if "num_batches" not in k}, tmp_path / "old.pth")
+    out = tmp_path / "v.msgpack"
+    code, _, err = jaxbn_here(
+        capsys, "port", "parity_tests.test_port:tiny_cnn", "--input", "2,3,12,12",
+        "--checkpoint", tmp_path / "old.pth", "--no-check", "-o", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert int(load_variables(out)["batch_stats"]["1"]["num_batches_tracked"]) == 0
 
 
 def test_cli_says_in_one_line_how_a_checkpoint_does_not_fit(tmp_path, capsys):
@@ -757,8 +835,9 @@ def test_cli_shows_its_phases_on_a_terminal_only(tmp_path):
 
 def test_a_ported_module_called_channels_last_names_the_layer_and_the_layout():
     ported = jaxbn.port(tiny_cnn(), torch.from_numpy(X))
-    with pytest.raises(PortError) as caught:
+    with pytest.raises(ValueError, match="looks channels-last") as caught:  # jax's class
         ported.module.apply(ported.variables, np.moveaxis(X, 1, -1), train=False)
+    assert type(caught.value) is ValueError
     message = str(caught.value)
     n, c, h, w = X.shape
     assert message.startswith(f"jaxbn.port: 0 failed on input of shape {(n, h, w, c)}: ")

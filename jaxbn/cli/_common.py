@@ -4,6 +4,7 @@ paths and arguments made before any work, and building a model from its factory.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import pathlib
 import sys
@@ -27,6 +28,11 @@ class CommandError(Exception):
 
 
 NO_TORCH = "which is not installed; install it from the checkout with: pip install -e '.[torch]'"
+# torchvision and timm models too: the port extra pins a torch they are built for
+NO_TORCH_PORT = (
+    "which is not installed; install it with torchvision and timm from the checkout: "
+    "pip install -e '.[port]'"
+)
 
 
 def positive_int(text: str) -> int:
@@ -147,7 +153,7 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
             continue
         try:
             kwargs[keyword.arg] = ast.literal_eval(value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError):
             raise CommandError(
                 f"--kwargs {keyword.arg}={ast.unparse(value)}: the value must be a Python "
                 "literal (a number, a quoted string, a tuple, True, None) or a bare word",
@@ -187,24 +193,52 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> Any:
                 f"{spec} is a module already built; --kwargs needs a function or class", USAGE
             )
         return factory
-    try:
-        model = factory(**kwargs)
-    except TypeError as error:
-        what = (
-            f"{spec} is a class whose constructor needs other arguments ({error})"
-            if is_class
-            else f"cannot build {spec}: {error}"
-        )
+    if not callable(factory):
         raise CommandError(
-            f"{what}; give its arguments with --kwargs NAME=VALUE,... or a function that "
-            "builds the model, such as torchvision.models:resnet18",
+            f"{spec} is a {type(factory).__name__}, not a function or class that builds a "
+            "model; name one such as torchvision.models:resnet18",
+            USAGE,
+        )
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as error:
+        what = f"{spec} is a class whose constructor" if is_class else f"{spec}"
+        raise CommandError(
+            f"{what} takes other arguments ({error}); give them with --kwargs "
+            "NAME=VALUE,... or name a function that builds the model, such as "
+            "torchvision.models:resnet18",
             USAGE,
         ) from None
+    except ValueError:  # (a builtin without a signature: the call says)
+        pass
+    return _built(spec, lambda: factory(**kwargs), kwargs)
+
+
+def _built(spec: str, build: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``build()``'s torch module, or one line on what the factory raised (exit 1)."""
+    try:
+        model = build()
+    except Exception as error:  # the factory's own code: its message, not our traceback
+        if isinstance(error, TypeError) and kwargs and "argument" in str(error):
+            # (an argument passed on, **kwargs, to a constructor that does not take it)
+            raise CommandError(
+                f"cannot build {spec} with --kwargs {_shown(kwargs)}: {error}; give the "
+                "arguments it takes",
+                USAGE,
+            ) from None
+        check = f"; check --kwargs {_shown(kwargs)}" if kwargs else ""
+        raise CommandError(f"cannot build {spec}: {type(error).__name__}: {error}{check}") from None
     if not hasattr(model, "state_dict"):
         raise CommandError(
-            f"{spec}(...) returned a {type(model).__name__}, not a torch module", USAGE
+            f"{spec} built an object of type {type(model).__name__}, not a torch module; "
+            "name a function or class that returns a torch.nn.Module",
+            USAGE,
         )
     return model
+
+
+def _shown(kwargs: Mapping[str, Any]) -> str:
+    return ",".join(f"{name}={value!r}" for name, value in kwargs.items())
 
 
 def _timm_model(name: str, kwargs: dict[str, Any]) -> Any:
@@ -222,10 +256,9 @@ def _timm_model(name: str, kwargs: dict[str, Any]) -> Any:
             f"(list them: python -c \"import timm; print(timm.list_models('resnet*'))\")",
             USAGE,
         )
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as error:
-        raise CommandError(f"timm:{name} with --kwargs {kwargs}: {error}", USAGE) from None
+    return _built(
+        f"timm:{name}", lambda: timm.create_model(name, pretrained=False, **kwargs), kwargs
+    )
 
 
 class Phases:
@@ -252,12 +285,14 @@ class Phases:
         self._line(f"{what} ...", end="")
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
+        ended = "stopped after "  # unless the phase finishes
         try:
             yield
+            ended = ""
         finally:
             done.set()
             ticker.join()
-            self._line(f"{what}: {time.monotonic() - began:.1f} s")
+            self._line(f"{what}: {ended}{time.monotonic() - began:.1f} s")
 
     def _line(self, text: str, end: str = "\n") -> None:
         elapsed = time.monotonic() - self.start

@@ -6,14 +6,14 @@ import argparse
 import pathlib
 from typing import Any
 
-from ._common import USAGE, CommandError, build_model, is_factory, load_state, parse_kwargs
-from ._convert import (
+from ._checkpoints import (
     add_mapping_arguments,
     conversion_errors,
     format_summary,
     parse_kinds,
     problem_count,
 )
+from ._common import USAGE, CommandError, build_model, is_factory, load_state, parse_kwargs
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:

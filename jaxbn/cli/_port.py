@@ -9,7 +9,7 @@ from typing import Any
 
 from ._common import (
     FAILURE,
-    NO_TORCH,
+    NO_TORCH_PORT,
     USAGE,
     CommandError,
     Phases,
@@ -19,6 +19,7 @@ from ._common import (
     is_factory,
     load_state,
     parse_kwargs,
+    warnings_as_lines,
 )
 
 
@@ -72,7 +73,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         type=pathlib.Path,
         metavar="FILE",
         help="write the eval function and the training step as jax.export programs "
-        "(any batch size) with the variables; needs flatbuffers: pip install 'jaxbn[export]'",
+        "(any batch size) with the variables; needs flatbuffers: pip install -e '.[export]'",
     )
     parser.add_argument(
         "--no-check",
@@ -141,7 +142,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         except ImportError:
             raise CommandError(
                 "--export needs flatbuffers to write jax.export programs: "
-                "pip install 'jaxbn[export]'",
+                "pip install -e '.[export]' (or '.[port]', which includes it)",
                 USAGE,
             ) from None
     if args.no_check and args.output is None and args.export is None:
@@ -156,13 +157,19 @@ def run(args: argparse.Namespace) -> int:
     shape = _shape(args.input)
     kwargs = parse_kwargs(args.kwargs)
     _check_arguments(args)
-    phase = Phases()
+    with warnings_as_lines():  # (torch's and jax's warnings, after the phase lines)
+        return _port(args, shape, kwargs, Phases())
+
+
+def _port(
+    args: argparse.Namespace, shape: tuple[int, ...], kwargs: dict[str, Any], phase: Phases
+) -> int:
     with phase("importing torch"):
         try:
             import numpy as np
             import torch
         except ImportError:
-            raise CommandError(f"jaxbn port reads a PyTorch model, {NO_TORCH}") from None
+            raise CommandError(f"jaxbn port reads a PyTorch model, {NO_TORCH_PORT}") from None
 
     # The same command, the same report: the factory's random init is seeded.
     torch.manual_seed(args.seed)
@@ -175,12 +182,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.checkpoint is not None:
         with phase(f"loading {args.checkpoint}"):
-            _load_checkpoint(model, args.checkpoint, args.model)
+            notes = _load_checkpoint(model, args.checkpoint, args.model)
+        for note in notes:
+            print(f"{args.checkpoint}: {note}")
     x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
     # Compare with dropout off: torch's and JAX's random masks cannot agree.
     quiet = without_dropout(model)
     with phase("running torch on the input"):
-        _fits(quiet, x, args)
+        _fits(quiet, x, args, train=False)
+        if not args.no_check:  # (a copy: a training step moves the running statistics)
+            _fits(without_dropout(quiet), x, args, train=True)
     try:
         with phase("tracing and porting"):
             ported = port(model, torch.from_numpy(x))
@@ -237,9 +248,10 @@ def run(args: argparse.Namespace) -> int:
     return FAILURE if failed else 0
 
 
-def _load_checkpoint(model: Any, path: pathlib.Path, spec: str) -> None:
+def _load_checkpoint(model: Any, path: pathlib.Path, spec: str) -> tuple[str, ...]:
     """The checkpoint into ``model``, read as ``jaxbn convert`` reads it (a wrapper dict
-    around the state dict, DDP's prefix), or one line on what does not fit."""
+    around the state dict, DDP's prefix), or one line on what does not fit; returns
+    what the reader noted (the wrapper it used)."""
     from ..convert._plan import unwrap
 
     state = load_state(path)
@@ -247,8 +259,6 @@ def _load_checkpoint(model: Any, path: pathlib.Path, spec: str) -> None:
         source = unwrap(state, "jaxbn port")
     except TypeError as error:
         raise CommandError(f"{path}: {error}") from None
-    for note in source.notes:
-        print(f"{path}: {note}")
     misfit = _misfit(source.state, model.state_dict())
     if misfit:
         raise CommandError(
@@ -259,36 +269,32 @@ def _load_checkpoint(model: Any, path: pathlib.Path, spec: str) -> None:
         model.load_state_dict(source.state, strict=True)
     except RuntimeError as error:
         raise CommandError(f"{path} does not fit {spec}: {str(error).splitlines()[0]}") from None
+    return source.notes
 
 
-def _fits(model: Any, x: Any, args: argparse.Namespace) -> None:
-    """Run torch's forward once, in eval, on the input: a shape torch refuses is the
-    user's (exit 2, one line, the layout it expects); so is an input on which a
-    training step cannot run (a BatchNorm of one value per channel)."""
+def _fits(model: Any, x: Any, args: argparse.Namespace, *, train: bool) -> None:
+    """Run torch's forward once on the input (in eval, or in training on a copy): an
+    input torch refuses is the user's mistake, one line naming the layout the model's
+    first layer expects (exit 2); so is one on which a training step cannot run (a
+    BatchNorm of one value per channel, in an auxiliary head too)."""
     import torch
 
     names = {id(m): name for name, m in model.named_modules()}
     entered: list[Any] = []  # modules whose forward runs, innermost last
-    first: list[Any] = []  # the first module with a channel count, in execution order
-    values: dict[str, int] = {}
+    first: list[Any] = []  # the first leaf with weights and a channel count, as they run
 
     def enter(module: Any, inputs: Any) -> None:
         entered.append(module)
-        if not first and _channels(module) is not None:
+        if not first and _channels(module) is not None and not any(module.children()):
             first.append(module)
 
     def leave(module: Any, inputs: Any, output: Any) -> None:
         entered.pop()
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and inputs:
-            x = inputs[0]
-            count = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
-            name = names[id(module)]
-            values[name] = min(count, values.get(name, count))
 
     handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
     handles += [m.register_forward_hook(leave) for m in model.modules()]
-    training = model.training
-    model.eval()
+    mode = model.training
+    model.train(train)
     try:
         with torch.no_grad():
             model(torch.from_numpy(x))
@@ -297,23 +303,42 @@ def _fits(model: Any, x: Any, args: argparse.Namespace) -> None:
         name = names.get(id(where)) or "the model"
         said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(
-            f"--input {args.input} does not fit {args.model}: torch's own forward fails in "
-            f"{name} ({type(where).__name__}): {said}{_shape_hint(x.shape, first)}",
-            USAGE,
+            _refusal(args, name, where, said, x.shape, first, train, entered), USAGE
         ) from None
     finally:
         for handle in handles:
             handle.remove()
-        model.train(training)
-    single = [name for name, count in values.items() if count == 1]
-    if single and not args.no_check:
-        bigger = ",".join(map(str, (max(2, x.shape[0]), *x.shape[1:])))
-        raise CommandError(
-            f"--input {args.input}: in the training step {single[0]} would normalise 1 value "
-            'per channel, which torch refuses ("Expected more than 1 value per channel when '
-            f'training"); give a larger batch or size (--input {bigger}), or --no-check',
-            USAGE,
+        model.train(mode)
+
+
+def _refusal(
+    args: argparse.Namespace,
+    name: str,
+    where: Any,
+    said: str,
+    shape: tuple[int, ...],
+    first: list[Any],
+    train: bool,
+    entered: list[Any],
+) -> str:
+    """One line on an input torch's own forward refuses, with the --input to try."""
+    if len(entered) <= 1 and "required positional argument" in said:
+        return (
+            f"{args.model} takes more than one input ({said}); jaxbn port feeds it one "
+            "random tensor of --input's shape: port it from Python, jaxbn.port(model, "
+            "(x, y)) (help(jaxbn.port))"
         )
+    if train and "more than 1 value per channel" in said:
+        bigger = ",".join(map(str, (max(2, shape[0]), *shape[1:])))
+        return (
+            f"--input {args.input}: in a training step {name} would normalise 1 value per "
+            'channel, which torch refuses ("Expected more than 1 value per channel when '
+            f'training"); give a larger batch or size (--input {bigger}), or --no-check'
+        )
+    return (
+        f"--input {args.input} does not fit {args.model}: torch's own forward fails in "
+        f"{name} ({type(where).__name__}): {said}{_shape_hint(shape, first)}"
+    )
 
 
 def _channels(module: Any) -> int | None:
@@ -356,13 +381,17 @@ def _check_directory(path: pathlib.Path) -> None:
         check_directory(path)
     except PortError as error:
         message = str(error).removeprefix("jaxbn.port: ")
+        if message.endswith("is a file; save a port to a directory"):
+            message += ", or the variables alone to FILE.msgpack"
         raise CommandError(f"-o {message}", USAGE) from None
 
 
 def _misfit(state: Mapping[str, Any], expected: Mapping[str, Any], few: int = 3) -> str:
     """One line for a checkpoint whose keys or shapes are not the model's ('' if they
     are), naming a few of each: torch's own message lists every key."""
-    missing = [k for k in expected if k not in state]
+    # (torch's BatchNorm fills a missing num_batches_tracked in, as checkpoints saved
+    # before it existed lack it: load_state_dict(strict=True) accepts them)
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k}: checkpoint {list(state[k].shape)}, model {list(expected[k].shape)}"

@@ -157,18 +157,33 @@ class ModelReport:
         if first is None:
             return f"{len(self.rows)} quantities within {within}{followed}"
         theirs = "" if first.torch_max_abs is None else f" (torch's own {first.torch_max_abs:.2e})"
-        few = dict(self.few_values).get(first.layer)
-        small = (
-            f"; {first.layer} normalises only {_plural(few, 'value')} per channel in this "
-            "training step, where float32 rounding grows: try a larger input (batch or "
-            "spatial size)"
-            if few is not None
-            else ""
-        )
+        small = self._small_input(first)
         return (
             f"first divergence at {first.layer or '<output>'} ({first.quantity}): "
             f"max |diff| {first.max_abs:.2e}{theirs}, relative {first.max_rel:.2e}"
             f"{followed}{small}"
+        )
+
+    def _small_input(self, first: LayerDiff) -> str:
+        """The note for a first divergence at, after or (a gradient) behind a BatchNorm
+        that normalised few values per channel; '' for one before them all."""
+        few = dict(self.few_values)
+        if first.layer in few:
+            name = first.layer
+        else:
+            at = self.rows.index(first)
+            behind = [
+                row.layer
+                for row in self.rows[:at]
+                if row.layer in few and row.quantity.startswith("output")
+            ]
+            if not (behind or (few and first.quantity.startswith("grad"))):
+                return ""
+            name = min(behind or few, key=lambda layer: few[layer])
+        return (
+            f"; {name} normalises only {_plural(few[name], 'value')} per channel in this "
+            "training step, where float32 rounding grows: try a larger input (batch or "
+            "spatial size)"
         )
 
     def table(self) -> str:

@@ -13,8 +13,8 @@
 The batch dimension is symbolic: the programs take any batch size. Loading
 needs jax and numpy only (no flax, no jaxbn, no torch): :func:`load` shows how.
 
-Serialising needs ``flatbuffers`` (the ``export`` extra: ``pip install
-'jaxbn[export]'``).
+Serialising needs ``flatbuffers`` (the ``export`` extra: ``pip install -e
+'.[export]'`` from the checkout).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def write(exported: Exported, file: str | os.PathLike[str]) -> Path:
     except ImportError as error:
         raise PortError(
             f"jaxbn.port: serialising an exported program needs flatbuffers ({error}); "
-            "pip install 'jaxbn[export]'"
+            "install it from the checkout: pip install -e '.[export]'"
         ) from None
     arrays = io.BytesIO()
     np.savez(arrays, *(np.asarray(a) for a in jax.tree.leaves(exported.variables)))

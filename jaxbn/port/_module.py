@@ -10,7 +10,7 @@ produces, and runs the nodes in order. Depends on jax and flax only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -127,54 +127,56 @@ class PortedModule(nn.Module):
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
         program = self.train_program if train else self.eval_program
         inputs = _bind(program, args, kwargs)
-        bound: tuple[dict[Any, Any], dict[str, nn.Module], dict[str, Any]] = ({}, {}, {})
+        run = _Run(self, train)
         try:
             if self.is_initializing():
                 # Declare the variables only the other mode uses too (GoogLeNet's
                 # auxiliary heads run in training only); init is never a step.
                 other = self.eval_program if train else self.train_program
-                self._run(other, _bind(other, args, kwargs), False, bound)
-            return self._run(program, inputs, train, bound)
-        except PortError as error:  # say the shapes it was ported at and called with
+                _Run(self, False, run).run(other, _bind(other, args, kwargs))
+            return run.run(program, inputs)
+        except (TypeError, ValueError) as error:  # say the shapes it was ported at, if others
+            if type(error) not in _SAID or not str(error).startswith("jaxbn.port: "):
+                raise
             given = [tuple(jnp.shape(a)) for a in [*args, *kwargs.values()]]
-            ported = ", ".join(str(tuple(shape)) for shape, _ in self.example)
-            raise PortError(
-                f"{error} (ported at input shape {ported}; called with "
-                f"{', '.join(map(str, given))}){_layout_hint(given, self.example)}"
-            ) from None
+            ported = [tuple(shape) for shape, _ in self.example]
+            shapes = (
+                f" (ported at input shape {', '.join(map(str, ported))}; called with "
+                f"{', '.join(map(str, given))})"
+                if given != ported
+                else ""
+            )
+            raise type(error)(f"{error}{shapes}{_layout_hint(given, self.example)}") from None
 
-    def _run(self, program: Program, inputs: dict[str, Any], train: bool, bound: Any) -> Any:
-        """Run the nodes; ``bound`` caches scopes, layers and bare parameters for this call."""
+
+# The errors a ported module says where they happened, keeping their class: jax's shape
+# and dtype errors (TypeError, ValueError), jaxbn's layers' ValueErrors, PortError.
+_SAID = (TypeError, ValueError, PortError)
+
+
+class _Run:
+    """One call of a :class:`PortedModule`'s graph: one method per node kind, as
+    ``torch.fx.Interpreter`` has; scopes, layers and bare parameters bound once."""
+
+    def __init__(self, module: PortedModule, train: bool, shared: _Run | None = None) -> None:
+        self.module, self.train = module, train
+        self.layers = dict(module.layers)
+        # (the init of the other mode's graph and this call share what they bind)
+        self.scopes: dict[tuple[str, ...], Any] = shared.scopes if shared else {}
+        self.bound: dict[str, nn.Module] = shared.bound if shared else {}
+        self.bare: dict[Any, Any] = shared.bare if shared else {}
+
+    def run(self, program: Program, inputs: dict[str, Any]) -> Any:
         env = dict(inputs)
-        scopes, modules, bare = bound
-        layers = dict(self.layers)
-
-        def call(node: Node, *args: Any, **kwargs: Any) -> Any:
-            return layers[node.target].call(layer(node.target), train, *args, **kwargs)
-
-        def scope(path: tuple[str, ...]) -> Any:
-            if path not in scopes:
-                parent = scope(path[:-1]) if len(path) > 1 else self.scope
-                assert parent is not None
-                scopes[path] = parent.push(path[len(path) - 1], reuse=True)
-            return scopes[path]
-
-        def layer(path: str) -> nn.Module:
-            if path not in modules:
-                # path '' is a module that is a leaf itself: its variables are at the root.
-                where = scope(tuple(path.split("."))) if path else self.scope
-                modules[path] = layers[path].make(parent=where)
-            return modules[path]
-
         for node in program.nodes:
             a = resolve(node.args, env)
             k = dict(resolve(node.kwargs, env))
             try:
-                out = self._step(node, a, k, train, call, scope, bare)
-            except PortError:
-                raise
+                out = getattr(self, node.kind)(node, a, k)
             except (TypeError, ValueError) as error:  # jax's shape errors: say where
-                raise PortError(
+                if type(error) not in _SAID or str(error).startswith("jaxbn.port: "):
+                    raise
+                raise type(error)(
                     f"jaxbn.port: {_where(node)} failed on {_shapes(a)}: {str(error).rstrip('.')}"
                 ) from error
             env[node.name] = out
@@ -182,32 +184,41 @@ class PortedModule(nn.Module):
                 env[node.alias] = out
         return resolve(program.output, env)
 
-    def _step(
-        self,
-        node: Node,
-        a: tuple[Any, ...],
-        k: dict[str, Any],
-        train: bool,
-        call: Callable[..., Any],
-        scope: Callable[[tuple[str, ...]], Any],
-        bare: dict[Any, Any],
-    ) -> Any:
-        """One node's value, by its kind; ``call`` runs a layer node's bound layer."""
-        if node.kind == "layer":
-            return call(node, *a, **k)
-        if node.kind == "call":
-            if node.train_aware:
-                k |= {"train": train, "rng": lambda: self.make_rng("dropout")}
-            return node.target(*a, **k)
-        if node.kind == "variable":
-            path, variable, in_layer = node.target
-            owner = scope(path) if path else self.scope
-            if in_layer:  # a layer's own tensor, read outside it: the layer declares it
-                return variable.read(owner)
-            if node.target not in bare:
-                bare[node.target] = variable.declare(owner)
-            return bare[node.target]
-        return jnp.asarray(np.asarray(node.target))  # a constant tensor captured by the trace
+    def layer(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A leaf module at its torch path (``node.target``)."""
+        path = node.target
+        if path not in self.bound:
+            # path '' is a module that is a leaf itself: its variables are at the root.
+            where = self.scope(tuple(path.split("."))) if path else self.module.scope
+            self.bound[path] = self.layers[path].make(parent=where)
+        return self.layers[path].call(self.bound[path], self.train, *args, **kwargs)
+
+    def call(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A JAX function; a train-aware one gets the flag and the dropout RNG."""
+        if node.train_aware:
+            kwargs |= {"train": self.train, "rng": lambda: self.module.make_rng("dropout")}
+        return node.target(*args, **kwargs)
+
+    def variable(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A parameter or buffer read outside a layer."""
+        path, variable, in_layer = node.target
+        owner = self.scope(path) if path else self.module.scope
+        if in_layer:  # a layer's own tensor: the layer declares it
+            return variable.read(owner)
+        if node.target not in self.bare:
+            self.bare[node.target] = variable.declare(owner)
+        return self.bare[node.target]
+
+    def constant(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A tensor the trace captured."""
+        return jnp.asarray(np.asarray(node.target))
+
+    def scope(self, path: tuple[str, ...]) -> Any:
+        if path not in self.scopes:
+            parent = self.scope(path[:-1]) if len(path) > 1 else self.module.scope
+            assert parent is not None
+            self.scopes[path] = parent.push(path[len(path) - 1], reuse=True)
+        return self.scopes[path]
 
 
 def _where(node: Node) -> str:

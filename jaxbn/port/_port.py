@@ -111,7 +111,7 @@ class Ported:
         Returns ``Exported(eval, train, variables)``: ``eval.call(variables, *inputs)``
         gives the outputs; ``train.call(variables, *inputs, jax.random.key(0))`` the
         outputs and the updated ``batch_stats`` of a training step. Writing a file
-        needs flatbuffers (``pip install 'jaxbn[export]'``).
+        needs flatbuffers (``pip install -e '.[export]'`` from the checkout).
         """
         from ._export import export, write
 
