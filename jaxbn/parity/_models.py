@@ -300,104 +300,20 @@ def compare_models(
     own = _TorchRun(torch_model, xs, train, gradients, seed, kinds)
     ref = own.again(torch.float64) if reference == "float64" else own
     tolerance = _Tolerance(rtol, atol, factor if reference == "float64" else None)
+    ans = _FlaxRun(
+        flax_model, variables, xs if flax_x is None else (flax_x,), own.cotangents,
+        train=train, gradients=gradients, channels_last=channels_last, kwargs=flax_kwargs,
+    )  # fmt: skip
+    step = _Rows(own, ans, tolerance, _module_kinds(own.model, kinds, variables), ref)
 
-    kwargs = dict(flax_kwargs or {})
-    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    params = variables.get("params", {})
-    rest = {k: v for k, v in variables.items() if k != "params"}
-
-    def forward(params: Any, rest: Any, xs: Any) -> Any:
-        return flax_model.apply(
-            {"params": params, **rest}, *xs, capture_intermediates=True, mutable=mutable, **kwargs
-        )
-
-    def step(params: Any, rest: Any, xs: Any, cotangents: Any) -> Any:
-        """The forward and, with ``gradients``, the backward of torch's cotangents: one
-        program (compiling the two apart took 20-30% longer)."""
-        if not gradients:
-            return (*forward(params, rest, xs), None)
-        y, vjp, state = jax.vjp(lambda p: forward(p, rest, xs), params, has_aux=True)
-        cotangent = map_leaves(
-            y,
-            lambda key, leaf: (
-                jnp.asarray(to_ref_layout_inverse(cotangents[key], channels_last))
-                if key in cotangents
-                else jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf))
-            ),
-        )
-        return y, state, vjp(cotangent)[0]
-
-    x_flax = tuple(jnp.asarray(a) for a in xs) if flax_x is None else (jnp.asarray(flax_x),)
-    y_ans, state, grads = jax.jit(step)(params, rest, x_flax, own.cotangents)
-    flax_outputs: dict[str, Any] = {
-        default_torch_path(path[:-1]): value
-        for path, value in flatten_tree(dict(state["intermediates"])).items()
-        if path and path[-1] == "__call__"
-    }
-    flax_outputs[""] = (y_ans,)
-    to_ref_layout = (
-        (lambda a: np.moveaxis(a, -1, 1) if a.ndim > 2 else a) if channels_last else (lambda a: a)
-    )
-
-    rows: list[LayerDiff] = []
-    for name, i in ref.calls:  # in execution order: a second call after what precedes it
-        if name not in flax_outputs or i >= len(flax_outputs[name]):
-            continue
-        actual_leaves = output_leaves(flax_outputs[name][i])
-        for key, leaf in ref.captured[name][i].items():
-            quantity = key if i == 0 else f"{key} (call {i + 1})"
-            if key not in actual_leaves:
-                rows.append(_missing(name, quantity, leaf.shape))
-                continue
-            value = to_ref_layout(np.asarray(actual_leaves[key]))
-            theirs = own.captured[name][i][key] if ref is not own else None
-            rows.append(tolerance.row(name, quantity, value, leaf, theirs))
-    order = {name: i for i, name in enumerate(ref.captured)}
-
-    layer_kinds = _module_kinds(own.model, kinds, variables)  # the same for every run
-    gradient_rows: Callable[[_TorchRun], list[LayerDiff]] | None = None
-    gradients_at = slice(0)  # where the gradient rows are in ``rows``
-    if grads is not None:
-        own_grads = own.grads(layer_kinds) if ref is not own else None
-
-        def compare_gradients(reference: _TorchRun) -> list[LayerDiff]:
-            return _compare_trees(
-                reference.grads(layer_kinds), {"params": grads}, own_grads,
-                "grad", order, tolerance,
-            )  # fmt: skip
-
-        gradient_rows, start = compare_gradients, len(rows)
-        rows += gradient_rows(ref)
-        gradients_at = slice(start, len(rows))
-    if train and "batch_stats" in state:
-        rows += _compare_trees(
-            ref.stats(layer_kinds), {"batch_stats": state["batch_stats"]},
-            own.stats(layer_kinds) if ref is not own else None, "", order, tolerance,
-        )  # fmt: skip
-
-    judged = tolerance.judge(rows)
-    kinks: list[str] = []
-    if gradient_rows and ref is not own and not all(row.ok for row in judged[gradients_at]):
-        # A gradient may hinge on an activation input within float32 rounding
-        # of a kink (a ReLU input of 1e-7): float32 runs then take either side.
-        # Compare with a float64 run that takes jax's side there, torch's own
-        # error still measured on its own sides.
-        sides = _kink_sides(own, ref, flax_outputs, to_ref_layout, tolerance)
-        if sides:
-            followed = gradient_rows(ref.again(torch.float64, sides=sides))
-            rows[gradients_at] = [
-                dataclasses.replace(new, torch_max_abs=old.torch_max_abs, scale=old.scale)
-                for old, new in zip(rows[gradients_at], followed, strict=True)
-            ]
-            judged = tolerance.judge(rows)
-            kinks = [
-                f"{name}{'' if i == 0 else f' (call {i + 1})'}: "
-                f"{_plural(int(flipped.sum()), 'element')}"
-                for name, calls in sides.items()
-                for i, flipped in enumerate(calls)
-                if flipped.any()
-            ]
-    rows = judged
+    rows = step.outputs(ref)
+    gradients_at = slice(len(rows), len(rows))  # where the gradient rows are
+    if ans.grads is not None:
+        rows += step.gradients(ref)
+        gradients_at = slice(gradients_at.start, len(rows))
+    if train and "batch_stats" in ans.state:
+        rows += step.statistics(ref)
+    rows, kinks = step.following_kinks(rows, gradients_at, ref)
     with_params = {
         name
         for name, m in own.model.named_modules()
@@ -405,14 +321,151 @@ def compare_models(
     }
     return ModelReport(
         rows=tuple(rows),
-        unmatched_torch=tuple(sorted(with_params - set(flax_outputs))),
-        unmatched_flax=tuple(sorted(set(flax_outputs) - set(ref.captured))),
+        unmatched_torch=tuple(sorted(with_params - set(ans.outputs))),
+        unmatched_flax=tuple(sorted(set(ans.outputs) - set(ref.captured))),
         rtol=rtol,
         atol=atol,
         factor=tolerance.factor,
         kinks=tuple(kinks),
         few_values=tuple((name, n) for name, n in own.values_per_channel.items() if n <= 16),
     )
+
+
+class _FlaxRun:
+    """The Flax model's one jitted forward (and backward of torch's upstream gradients)
+    beside the torch run: every module's output by torch path, the updated state, the
+    parameter gradients (None without ``gradients``)."""
+
+    def __init__(
+        self,
+        model: flax.linen.Module,
+        variables: Mapping[str, Any],
+        xs: tuple[Any, ...],
+        cotangents: Mapping[str, np.ndarray],
+        *,
+        train: bool,
+        gradients: bool,
+        channels_last: bool,
+        kwargs: Mapping[str, Any] | None,
+    ) -> None:
+        mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+        params = variables.get("params", {})
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def forward(params: Any, xs: Any) -> Any:
+            return model.apply(
+                {"params": params, **rest}, *xs, capture_intermediates=True, mutable=mutable,
+                **dict(kwargs or {}),
+            )  # fmt: skip
+
+        def step(params: Any, xs: Any, cotangents: Any) -> Any:
+            """The forward and, with ``gradients``, the backward of torch's cotangents:
+            one program (compiling the two apart took 20-30% longer)."""
+            if not gradients:
+                return (*forward(params, xs), None)
+            y, vjp, state = jax.vjp(lambda p: forward(p, xs), params, has_aux=True)
+            cotangent = map_leaves(
+                y,
+                lambda key, leaf: (
+                    jnp.asarray(to_ref_layout_inverse(cotangents[key], channels_last))
+                    if key in cotangents
+                    else jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf))
+                ),
+            )
+            return y, state, vjp(cotangent)[0]
+
+        xs = tuple(jnp.asarray(a) for a in xs)
+        y, self.state, self.grads = jax.jit(step)(params, xs, dict(cotangents))
+        self.outputs: dict[str, Any] = {
+            default_torch_path(path[:-1]): value
+            for path, value in flatten_tree(dict(self.state["intermediates"])).items()
+            if path and path[-1] == "__call__"
+        }
+        self.outputs[""] = (y,)
+        self.channels_last = channels_last
+
+    def to_ref_layout(self, a: np.ndarray) -> np.ndarray:
+        return np.moveaxis(a, -1, 1) if self.channels_last and a.ndim > 2 else a
+
+
+class _Rows:
+    """The report's rows, step by step: outputs, gradients and running statistics of the
+    Flax run against a torch reference run, and the gradients again where a kink was
+    followed. ``own`` is torch in the model's dtype (its own error, with a float64
+    reference)."""
+
+    def __init__(
+        self,
+        own: _TorchRun,
+        ans: _FlaxRun,
+        tolerance: _Tolerance,
+        kinds: Mapping[str, str],
+        ref: _TorchRun,
+    ) -> None:
+        self.own, self.ans, self.tolerance, self.kinds = own, ans, tolerance, kinds
+        self.order = {name: i for i, name in enumerate(ref.captured)}
+
+    def outputs(self, ref: _TorchRun) -> list[LayerDiff]:
+        """Every module's output, in execution order: a second call after what precedes it."""
+        rows: list[LayerDiff] = []
+        for name, i in ref.calls:
+            if name not in self.ans.outputs or i >= len(self.ans.outputs[name]):
+                continue
+            actual_leaves = output_leaves(self.ans.outputs[name][i])
+            for key, leaf in ref.captured[name][i].items():
+                quantity = key if i == 0 else f"{key} (call {i + 1})"
+                if key not in actual_leaves:
+                    rows.append(_missing(name, quantity, leaf.shape))
+                    continue
+                value = self.ans.to_ref_layout(np.asarray(actual_leaves[key]))
+                theirs = self.own.captured[name][i][key] if ref is not self.own else None
+                rows.append(self.tolerance.row(name, quantity, value, leaf, theirs))
+        return rows
+
+    def gradients(self, ref: _TorchRun) -> list[LayerDiff]:
+        own = self.own.grads(self.kinds) if ref is not self.own else None
+        return _compare_trees(
+            ref.grads(self.kinds), {"params": self.ans.grads}, own, "grad", self.order,
+            self.tolerance,
+        )  # fmt: skip
+
+    def statistics(self, ref: _TorchRun) -> list[LayerDiff]:
+        own = self.own.stats(self.kinds) if ref is not self.own else None
+        return _compare_trees(
+            ref.stats(self.kinds), {"batch_stats": self.ans.state["batch_stats"]}, own, "",
+            self.order, self.tolerance,
+        )  # fmt: skip
+
+    def following_kinks(
+        self, rows: list[LayerDiff], gradients_at: slice, ref: _TorchRun
+    ) -> tuple[list[LayerDiff], list[str]]:
+        """The rows judged, and the kinks followed.
+
+        A gradient may hinge on an activation input within float32 rounding of a
+        kink (a ReLU input of 1e-7): float32 runs then take either side. Where a
+        gradient fails, compare with a float64 run that takes jax's side there,
+        torch's own error still measured on its own sides.
+        """
+        judged = self.tolerance.judge(rows)
+        if ref is self.own or all(row.ok for row in judged[gradients_at]):
+            return judged, []
+        sides = _kink_sides(self.own, ref, self.ans.outputs, self.ans.to_ref_layout, self.tolerance)
+        if not sides:
+            return judged, []
+        torch = import_torch()
+        followed = self.gradients(ref.again(torch.float64, sides=sides))
+        rows[gradients_at] = [
+            dataclasses.replace(new, torch_max_abs=old.torch_max_abs, scale=old.scale)
+            for old, new in zip(rows[gradients_at], followed, strict=True)
+        ]
+        kinks = [
+            f"{name}{'' if i == 0 else f' (call {i + 1})'}: "
+            f"{_plural(int(flipped.sum()), 'element')}"
+            for name, calls in sides.items()
+            for i, flipped in enumerate(calls)
+            if flipped.any()
+        ]
+        return self.tolerance.judge(rows), kinks
 
 
 class _TorchRun:
