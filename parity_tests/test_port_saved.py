@@ -327,3 +327,51 @@ def test_a_port_with_a_converter_of_ones_own_says_it_has_no_source(tmp_path):
     with pytest.raises(jaxbn.port.PortError, match=r"cannot write .*Sequential as Flax source"):
         ported.save(tmp_path / "port")
     assert not (tmp_path / "port").exists()
+
+
+class _Step(torch.nn.Module):
+    """A refinement step whose state and output a loop carries, as RAFT's update block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.bn(self.conv(h + x)))
+        return h, self.head(h)
+
+
+class Looped(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 1)
+        self.step = _Step()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h, outputs = torch.zeros_like(x), []
+        for _ in range(3):
+            h, out = self.step(h, x)
+            outputs.append(out)
+            x = x * 0.5  # (the loop's own work, between the calls)
+        return torch.stack(outputs)  # (the last step's state is never read)
+
+
+def test_a_module_called_in_a_loop_writes_clean_source(tmp_path):
+    """The last call's unread output is `_` (ruff's RUF059, found on RAFT), and the
+    saved module computes what the port does."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    ported = jaxbn.port(randomized(Looped()), torch.from_numpy(x))
+    directory = ported.save(tmp_path / "looped")
+    assert "_, head_2 = step_module(" in (directory / "model.py").read_text()
+    _clean_source("looped", directory)
+    loaded = jaxbn.port.load(directory)
+    for train in (False, True):
+        kwargs = {"mutable": ["batch_stats"]} if train else {}
+        got = jax.tree.leaves(loaded.module.apply(loaded.variables, x, train=train, **kwargs))
+        want = jax.tree.leaves(ported.module.apply(ported.variables, x, train=train, **kwargs))
+        assert len(got) == len(want) == (4 if train else 1)  # (and the statistics)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import collections
 import dataclasses
 import functools
 import inspect
@@ -267,6 +268,7 @@ class _Body:
     # clash with the scope the read opens)
     read_at: frozenset[str] = frozenset()
     used: frozenset[str] = frozenset()  # the values something reads (unread: no name)
+    reads: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def local(self, base: str, builtin: bool = False) -> str:
         """A fresh local name from ``base`` (a builtin's name only where ``builtin``:
@@ -469,7 +471,25 @@ class _Body:
         arguments = ", ".join([*(self.env[name] for name in inputs), "train=train"])
         if not attribute[:1].isalpha():
             label = _snake_name(child.torch_class.rpartition(".")[2])
-        targets = [self.local(label if len(outputs) == 1 else name) for name in names]
+        # (read outside the child: not only by its own nodes)
+        inside = collections.Counter(ref_names([(n.args, n.kwargs) for n in child.nodes]))
+        read = [
+            any(
+                self.reads[name] > inside[name]
+                for name in (child.nodes[index].name, child.nodes[index].alias)
+                if name is not None
+            )
+            for index in outputs
+        ]
+        if not any(read):  # (a check, or a value nothing reads)
+            self.lines.append(f"{constructor}({arguments})")
+            return
+        # An output this call does not read is `_` (a module called in a loop returns what
+        # any of its calls reads).
+        targets = [
+            self.local(label if len(outputs) == 1 else name) if used else "_"
+            for name, used in zip(names, read, strict=True)
+        ]
         self.lines.append(f"{', '.join(targets)} = {constructor}({arguments})")
         for index, target in zip(outputs, targets, strict=True):
             node = child.nodes[index]
@@ -590,10 +610,11 @@ class _Source:
                     parameters = [body.env[name] for name in inputs]
                 read = ref_names([(n.args, n.kwargs) for n in nodes])
                 if programs is not None:
-                    read += ref_names(programs[mode].output)
+                    returned = ref_names(programs[mode].output)
                 else:
-                    read += [nodes[i].name for i in outputs]
-                body.used = frozenset(read)
+                    returned = [nodes[i].name for i in outputs]
+                body.used = frozenset(read + returned)
+                body.reads = collections.Counter(read + returned)
                 self._fill(body, nodes, depth, mode, flows[mode], placed)
                 if programs is not None:
                     body.lines.append(f"return {body.value(programs[mode].output)}")
