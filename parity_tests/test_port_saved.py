@@ -33,9 +33,10 @@ from .test_port_models import ALL_MODELS, MODELS
 ROOT = Path(__file__).resolve().parent.parent
 # In CI (the 89 of the suite with JAXBN_ALL_MODELS=1: 3-D convolutions, RAFT's
 # refinement called in a loop, stochastic depth ...): plain blocks and their variants
-# (ResNet), an auxiliary head in training only (GoogLeNet: `if train:`), frozen
-# statistics, and timm's attention blocks with shape checks (EfficientViT).
-CI = ("resnet18", "googlenet", "resnet18_frozen_bn", "timm_efficientvit_b0")
+# (ResNet), an auxiliary head in training only (GoogLeNet: `if train:`), and timm's
+# attention blocks with shape checks (EfficientViT). (The FrozenBatchNorm backbone
+# moved to the opt-in lane to keep CI in its budget; all 89 passed torch-free.)
+CI = ("resnet18", "googlenet", "timm_efficientvit_b0")
 NAMES = tuple(MODELS) if ALL_MODELS else CI
 OPTAX = ("resnet18", "timm_efficientvit_b0")  # trained three optax steps without torch
 
