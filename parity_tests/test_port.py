@@ -1232,3 +1232,11 @@ def test_a_tensor_under_two_names_is_refused_by_name():
     model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
     with pytest.raises(PortError, match=r"2 tensor\(s\) .* 0.weight = 2.weight; 0.bias = 2.bias"):
         jaxbn.port(model, torch.from_numpy(X))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_a_linear_of_no_outputs_ports_as_torch_runs_it():
+    """num_classes=0 (a head removed): torch runs it, so does the port."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 10 * 13, 0))
+    desired, actual, _ = run_both(model, X)
+    assert np.asarray(actual).shape == tuple(desired.shape) == (2, 0)

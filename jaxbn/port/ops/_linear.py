@@ -360,9 +360,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        # (lecun_normal divides by the fan-in: a zero-size Linear, as num_classes=0, is zeros)
+        empty = self.in_features == 0 or self.out_features == 0
         kernel = self.param(
             "kernel",
-            nn.initializers.lecun_normal(),
+            nn.initializers.zeros if empty else nn.initializers.lecun_normal(),
             (self.in_features, self.out_features),
             self.param_dtype,
         )
